@@ -1,0 +1,1 @@
+"""hal backends: one folder per backend, loaded by name through hal.registry."""

@@ -1,0 +1,83 @@
+"""The cpu backend: PyTorch on the CPU, hal's embedded default.
+
+Kernels in native dtypes with fp32 accumulation (``attention.py``), a token-major paged cache
+read in place (``kv_cache.py``). This file holds the capabilities only.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import torch
+
+from hal.backend import Backend, Probe
+from hal.capabilities import Capabilities
+
+_CAPABILITIES = Capabilities(
+    dtypes=frozenset({"fp32", "fp16", "bf16"}),
+    kv_dtypes=frozenset({"auto"}),
+    head_dims=frozenset({32, 64, 80, 96, 112, 128, 160, 192, 256}),
+    block_sizes=frozenset({1, 2, 4, 8, 16, 32, 64, 128, 256}),
+    features=frozenset({"dense", "paged", "causal", "non_causal", "window", "softcap", "alibi", "sinks",
+                        "lse", "gqa", "merge", "copy_blocks", "batch_invariant"}),
+    memory=frozenset({"device", "unified"}),  # host memory is the device's memory here
+    kv_layout="token-major",
+)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class CpuBackend(Backend):
+    """PyTorch on the CPU."""
+
+    name = "cpu"
+
+    @classmethod
+    def probe(cls) -> Probe:
+        return Probe(available=True, device=f"{_cpu_name()} ({os.cpu_count()} cores, "
+                     f"{torch.get_num_threads()} torch threads)",
+                     versions={"torch": torch.__version__, "python": platform.python_version()})
+
+    def capabilities(self) -> Capabilities:
+        return _CAPABILITIES
+
+    # ops live in attention.py and kv_cache.py; imported on first call
+    def attention(self, q, k, v, batch, params, return_lse):  # type: ignore[no-untyped-def]
+        from hal.backends.cpu.attention import varlen_attention
+
+        return varlen_attention(q, k, v, batch, params, return_lse)
+
+    def paged_attention(self, q, storage, layer, plan, params, return_lse):  # type: ignore[no-untyped-def]
+        from hal.backends.cpu.attention import paged_attention
+
+        return paged_attention(q, storage, layer, plan, params, return_lse)
+
+    def merge_attention_states(self, o_a, lse_a, o_b, lse_b):  # type: ignore[no-untyped-def]
+        from hal.backends.cpu.attention import merge_attention_states
+
+        return merge_attention_states(o_a, lse_a, o_b, lse_b)
+
+    def kv_create(self, spec, num_blocks, memory, device, k_scale, v_scale) -> Any:  # type: ignore[no-untyped-def]
+        from hal.backends.cpu.kv_cache import create
+
+        return create(spec, num_blocks, device)
+
+    def kv_write(self, storage, layer, k, v, slot_mapping) -> None:  # type: ignore[no-untyped-def]
+        storage.write(layer, k, v, slot_mapping)
+
+    def kv_read(self, storage, layer, block_ids):  # type: ignore[no-untyped-def]
+        return storage.read(layer, block_ids)
+
+    def kv_copy_blocks(self, storage, src, dst) -> None:  # type: ignore[no-untyped-def]
+        storage.copy_blocks(src, dst)

@@ -1,0 +1,157 @@
+"""Attention on the CPU in PyTorch: FlashAttention's online softmax (Dao et al., 2022), tiled.
+
+Each sequence is processed on its own: its queries in tiles of ``Q_TILE`` tokens, its keys in
+chunks of ``KV_CHUNK`` tokens, keeping a running max ``m``, denominator ``l`` and accumulator per
+query row, so no ``[T, S]`` score matrix is ever built and a paged sequence's keys are read straight
+out of its blocks. Scores, softmax and accumulation are fp32 whatever the input dtype. Because a
+sequence's computation never depends on the rest of the batch, results are batch-invariant
+bitwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from hal.backend import AttentionParams
+from hal.plan import Plan, VarlenBatch
+
+from .kv_cache import CpuKVStorage
+
+Q_TILE = 128  # query tokens per tile
+KV_CHUNK = 512  # keys per chunk (whole blocks for paged caches)
+
+FetchKV = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]  # [c0, c1) -> k [n, Hkv, D], v [n, Hkv, Dv]
+
+
+def _attend_tile(
+    q: torch.Tensor,  # [n, Hq, D] one tile of one sequence's queries
+    pos: torch.Tensor,  # [n] int64 absolute positions of those queries
+    kv_len: int,
+    fetch: FetchKV,
+    chunk: int,
+    p: AttentionParams,
+    num_kv_heads: int,
+    v_head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # out [n, Hq, Dv] fp32, lse [n, Hq] fp32
+    n, hq, d = q.shape
+    g = hq // num_kv_heads
+    # the keys any query of the tile can see: [lo, hi)
+    hi = min(kv_len, int(pos[-1]) + 1) if p.causal else kv_len
+    lo = max(0, int(pos[0]) - p.window_left) if p.window_left is not None else 0
+    # queries as [Hkv, G*n, D], rows ordered (group member, token); pre-scaled in fp32
+    qt = (q.float() * p.scale).view(n, num_kv_heads, g, d).permute(1, 2, 0, 3).reshape(num_kv_heads, g * n, d)
+    m = torch.full((num_kv_heads, g, n), float("-inf"))  # running max of the scores
+    l = torch.zeros(num_kv_heads, g, n)  # running softmax denominator
+    if p.sinks is not None:  # a sink is one more logit with no value: start the row from it
+        m = p.sinks.view(num_kv_heads, g, 1).expand(num_kv_heads, g, n).clone()
+        l = torch.ones(num_kv_heads, g, n)
+    acc = torch.zeros(num_kv_heads, g * n, v_head_dim)  # running sum of p * v
+    slopes = None if p.alibi_slopes is None else p.alibi_slopes.view(num_kv_heads, g, 1, 1)
+    start = (lo // chunk) * chunk
+    for c0 in range(start, hi, chunk):
+        c0, c1 = max(c0, lo), min(c0 + chunk, hi)
+        k, v = fetch(c0, c1)  # [nk, Hkv, D], [nk, Hkv, Dv]
+        s = torch.bmm(qt, k.float().permute(1, 2, 0)).view(num_kv_heads, g, n, c1 - c0)  # [Hkv, G, n, nk]
+        if p.softcap is not None:
+            s = torch.tanh(s / p.softcap) * p.softcap
+        j = torch.arange(c0, c1)
+        if slopes is not None:
+            s = s - slopes * (pos[:, None] - j[None, :]).abs()
+        visible = torch.ones(n, c1 - c0, dtype=torch.bool)
+        if p.causal:
+            visible &= j[None, :] <= pos[:, None]
+        if p.window_left is not None:
+            visible &= j[None, :] >= pos[:, None] - p.window_left
+        s = s.masked_fill(~visible, float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1))
+        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))  # -inf: nothing seen yet
+        alpha = torch.exp(m - m_safe)  # rescales what was accumulated under the old max
+        pr = torch.exp(s - m_safe[..., None])  # [Hkv, G, n, nk], masked keys give 0
+        l = l * alpha + pr.sum(-1)
+        acc = acc * alpha.view(num_kv_heads, g * n, 1) + torch.bmm(
+            pr.view(num_kv_heads, g * n, c1 - c0), v.float().permute(1, 0, 2))
+        m = m_new
+    seen = l > 0
+    out = torch.where(seen.view(num_kv_heads, g * n, 1), acc / l.clamp_min(1e-38).view(num_kv_heads, g * n, 1),
+                      torch.zeros(()))
+    lse = torch.where(seen, m + torch.log(l), torch.full((), float("-inf")))
+    out = out.view(num_kv_heads, g, n, v_head_dim).permute(2, 0, 1, 3).reshape(n, hq, v_head_dim)
+    lse = lse.permute(2, 0, 1).reshape(n, hq)
+    return out, lse
+
+
+def _attend_sequence(q: torch.Tensor, kv_len: int, fetch: FetchKV, chunk: int, p: AttentionParams,
+                     num_kv_heads: int, out: torch.Tensor, lse: torch.Tensor | None) -> None:
+    """Queries q [Lq, Hq, D] are the last Lq positions of a sequence of kv_len keys (bottom-right)."""
+    lq = q.shape[0]
+    first = kv_len - lq
+    for t0 in range(0, lq, Q_TILE):
+        t1 = min(lq, t0 + Q_TILE)
+        pos = torch.arange(first + t0, first + t1)
+        o, s = _attend_tile(q[t0:t1], pos, kv_len, fetch, chunk, p, num_kv_heads, out.shape[-1])
+        out[t0:t1] = o.to(out.dtype)
+        if lse is not None:
+            lse[t0:t1] = s
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: VarlenBatch,
+                     p: AttentionParams, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] -> out [T, Hq, Dv], lse [T, Hq]."""
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype)
+    lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32) if return_lse else None
+    cq, ck = batch.cu_seqlens_q_host, batch.cu_seqlens_k_host
+    for b in range(batch.num_seqs):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 == q0:
+            continue
+
+        def fetch(c0: int, c1: int, k0: int = k0) -> tuple[torch.Tensor, torch.Tensor]:
+            return k[k0 + c0:k0 + c1], v[k0 + c0:k0 + c1]
+
+        _attend_sequence(q[q0:q1], k1 - k0, fetch, KV_CHUNK, p, k.shape[1], out[q0:q1],
+                         None if lse is None else lse[q0:q1])
+    return out, lse
+
+
+def paged_attention(q: torch.Tensor, cache: CpuKVStorage, layer: int, plan: Plan, p: AttentionParams,
+                    return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q [T, Hq, D] over the blocks of ``layer`` -> out [T, Hq, Dv], lse [T, Hq]."""
+    k_blocks, v_blocks = cache.k[layer], cache.v[layer]  # [num_blocks, bs, Hkv, D|Dv]
+    bs = cache.block_size
+    chunk = max(bs, (KV_CHUNK // bs) * bs)
+    out = torch.empty(q.shape[0], q.shape[1], v_blocks.shape[-1], dtype=q.dtype)
+    lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32) if return_lse else None
+    cq = plan.cu_seqlens_q_host
+    for b, kv_len in enumerate(plan.seq_lens_host):
+        q0, q1 = cq[b], cq[b + 1]
+        if q1 == q0:
+            continue
+        table = plan.block_table_host[b].to(torch.int64)
+
+        def fetch(c0: int, c1: int, table: torch.Tensor = table) -> tuple[torch.Tensor, torch.Tensor]:
+            # the blocks covering [c0, c1), then exactly those tokens (never a slot past seq_len)
+            b0, b1 = c0 // bs, -(-c1 // bs)
+            ids = table[b0:b1]
+            kk = k_blocks.index_select(0, ids).flatten(0, 1)[c0 - b0 * bs:c1 - b0 * bs]
+            vv = v_blocks.index_select(0, ids).flatten(0, 1)[c0 - b0 * bs:c1 - b0 * bs]
+            return kk, vv
+
+        _attend_sequence(q[q0:q1], kv_len, fetch, chunk, p, k_blocks.shape[2], out[q0:q1],
+                         None if lse is None else lse[q0:q1])
+    return out, lse
+
+
+def merge_attention_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of two partials over disjoint keys: o [T, H, Dv], lse [T, H] fp32."""
+    m = torch.maximum(lse_a, lse_b)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # both -inf: nothing to merge
+    w_a, w_b = torch.exp(lse_a - m_safe), torch.exp(lse_b - m_safe)  # a -inf partial weighs 0
+    total = w_a + w_b
+    seen = total > 0
+    denom = torch.where(seen, total, torch.ones_like(total))
+    o = (o_a.float() * (w_a / denom)[..., None] + o_b.float() * (w_b / denom)[..., None]).to(o_a.dtype)
+    lse = torch.where(seen, m_safe + torch.log(denom), torch.full_like(m, float("-inf")))
+    return o, lse

@@ -1,0 +1,93 @@
+"""Every ``HAL_*`` environment variable, in one place.
+
+Each knob is typed, has a default and a one-line description, and is read when asked for
+(never at import), so a test can set the variable or call :func:`override`. No other hal module
+reads ``os.environ``. The README's variables table is generated from :data:`KNOBS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from hal.errors import InvalidInput
+
+__all__ = ["Knob", "KNOBS", "get", "override", "unknown_variables"]
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    kind: type
+    default: Any
+    help: str
+
+    def parse(self, raw: str) -> Any:
+        if self.kind is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise InvalidInput(f"[hal.config] {self.name}={raw!r}: expected 0 or 1 (or true/false)")
+        if self.kind is int:
+            try:
+                return int(raw)
+            except ValueError:
+                raise InvalidInput(f"[hal.config] {self.name}={raw!r}: expected an integer") from None
+        return raw.strip()
+
+
+KNOBS: dict[str, Knob] = {
+    k.name: k
+    for k in (
+        Knob("HAL_BACKEND", str, "auto",
+             "Backend to use: a name (cpu, cuda, rocm, tpu, a plugin), an ordered list (cuda,cpu) or auto"),
+        Knob("HAL_EMULATE", bool, False,
+             "Let cuda, rocm and tpu run their own kernels on the CPU (Triton interpreter, PoCL, Pallas interpret)"),
+        Knob("HAL_LOG_LEVEL", str, "WARNING",
+             "Level of hal's logger: DEBUG, INFO (shows what auto picked and why), WARNING, ERROR"),
+        Knob("HAL_PLUGINS", str, "",
+             "Comma-separated allowlist of third-party backends to load from the hal.backends entry points (empty: all)"),
+        Knob("HAL_CONFORMANCE_LEVEL", str, "quick",
+             "Level of `pytest --pyargs hal.conformance`: quick or full"),
+        Knob("HAL_SEED", int, 0,
+             "Seed of the conformance suite's generated inputs"),
+    )
+}
+
+_overrides: dict[str, Any] = {}
+
+
+def get(name: str) -> Any:
+    """The value of knob ``name``: an override if one is active, else the environment, else the default."""
+    knob = KNOBS[name]
+    if name in _overrides:
+        return _overrides[name]
+    raw = os.environ.get(name)
+    if raw is None:
+        return knob.default
+    return knob.parse(raw)
+
+
+@contextlib.contextmanager
+def override(**values: Any) -> Iterator[None]:
+    """Set knobs for the duration of a ``with`` block: ``with override(HAL_BACKEND="cpu"): ...``."""
+    for name in values:
+        if name not in KNOBS:
+            raise InvalidInput(f"[hal.config] unknown knob {name!r}; known: {sorted(KNOBS)}")
+    saved = dict(_overrides)
+    _overrides.update(values)
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
+
+
+def unknown_variables() -> list[str]:
+    """``HAL_*`` variables set in the environment that hal does not know (likely typos)."""
+    return sorted(k for k in os.environ if k.startswith("HAL_") and k not in KNOBS)
