@@ -34,6 +34,23 @@ __all__ = ["BackendInfo", "get_backend", "list_backends", "use_backend", "regist
            "registered_backends", "resolve_backend"]
 
 log = logging.getLogger("hal")
+_log_level_applied: str | None = None
+
+
+def _apply_log_level() -> None:
+    """Give hal's logger the level of HAL_LOG_LEVEL, with a stderr handler when hal has none."""
+    global _log_level_applied
+    level = str(config.get("HAL_LOG_LEVEL")).upper()
+    if level == _log_level_applied:
+        return
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise InvalidInput(f"[hal.config] HAL_LOG_LEVEL={level!r}: expected DEBUG, INFO, WARNING or ERROR")
+    log.setLevel(level)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+    _log_level_applied = level
 
 _BUILTIN: dict[str, str] = {
     "cuda": "hal.backends.cuda:CudaBackend",
@@ -178,6 +195,7 @@ def resolve_backend(spec: str | Backend | None = None) -> Backend:
     """The backend for ``spec`` (a name, a list "a,b", "auto", a Backend, or None = current selection)."""
     if isinstance(spec, Backend):
         return spec
+    _apply_log_level()
     request = (spec if spec is not None else _requested()).strip()
     names = [n.strip() for n in request.split(",") if n.strip()]
     if not names:

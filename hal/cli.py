@@ -1,0 +1,125 @@
+"""The ``hal`` command: ``hal info`` and ``hal conformance``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _info(args: argparse.Namespace) -> int:
+    import hal
+    from hal import config
+
+    infos = hal.list_backends()
+    unknown = config.unknown_variables()
+    if args.json:
+        print(json.dumps({"hal_version": hal.__version__, "backends": [i.to_dict() for i in infos],
+                          "unknown_hal_variables": unknown}, indent=1))
+        return 0
+    print(f"hal {hal.__version__}")
+    for i in infos:
+        state = "available" + (" (emulated)" if i.emulated else "") if i.available else "unavailable"
+        print(f"\n{i.name}: {state}  [{i.source}: {i.target}]")
+        if i.device:
+            print(f"  device:   {i.device}")
+        if i.versions:
+            print("  versions: " + ", ".join(f"{k} {v}" for k, v in i.versions.items()))
+        for r in i.reasons:
+            print(f"  why not:  {r}")
+        if i.capabilities:
+            c = i.capabilities
+            print(f"  dtypes {', '.join(sorted(c.dtypes))}; kv_dtypes {', '.join(sorted(c.kv_dtypes))}; "
+                  f"memory {', '.join(sorted(c.memory))}; layout {c.kv_layout}")
+            print(f"  head_dims {', '.join(map(str, sorted(c.head_dims)))}; "
+                  f"block_sizes {', '.join(map(str, sorted(c.block_sizes)))}")
+            print(f"  features {', '.join(sorted(c.features))}")
+    if unknown:
+        print(f"\nwarning: unknown HAL_* variables set (typos?): {', '.join(unknown)}")
+    return 0
+
+
+class _Progress:
+    """One progress line on stderr: rewritten in place on a terminal, a line per family otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self.last_family: tuple[str, str] | None = None
+
+    def __call__(self, backend: str, i: int, n: int, case: Any) -> None:
+        elapsed = time.perf_counter() - self.t0
+        if case is None:
+            msg = f"[{backend}] {n}/{n} done in {elapsed:.0f}s"
+            print(("\r" + msg.ljust(100)) if self.tty else msg, file=sys.stderr, flush=True)
+            return
+        msg = f"[{backend}] {i + 1}/{n} {case.family}/{case.name} ({elapsed:.0f}s)"
+        if self.tty:
+            print("\r" + msg[:100].ljust(100), end="", file=sys.stderr, flush=True)
+        elif (backend, case.family) != self.last_family:
+            print(msg, file=sys.stderr, flush=True)
+        self.last_family = (backend, case.family)
+
+
+def _conformance(args: argparse.Namespace) -> int:
+    import hal
+    from hal.conformance import cases_for_level
+    from hal.conformance.runner import families_of, print_matrix, run_backend, write_report
+
+    if args.all:
+        names = [i.name for i in hal.list_backends()]
+    elif args.backend:
+        names = [n for b in args.backend for n in b.split(",") if n]
+    else:
+        names = [hal.get_backend().name]
+    from hal.registry import registered_backends
+
+    known = registered_backends()
+    for n in names:
+        if n not in known:
+            print(f"hal conformance: unknown backend {n!r}; valid: {', '.join(known)}", file=sys.stderr)
+            return 2
+    cases = cases_for_level(args.level)
+    families = families_of(cases)
+    progress = _Progress()
+    t0 = time.perf_counter()
+    reports = [run_backend(n, cases, progress) for n in names]
+    seconds = time.perf_counter() - t0
+    print_matrix(reports, families, args.level)
+    print(f"\n{len(cases)} cases per backend, {seconds:.0f}s")
+    if args.report:
+        write_report(args.report, reports, families, args.level, seconds)
+        print(f"report written to {args.report}")
+    failed = any(r.failed for r in reports)
+    explicit_missing = [r.name for r in reports if not r.available and not args.all]
+    if explicit_missing:
+        print(f"hal conformance: backend(s) named but not available: {', '.join(explicit_missing)}",
+              file=sys.stderr)
+    return 1 if failed or explicit_missing else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hal", description="hal: one attention and KV-cache API across backends")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_info = sub.add_parser("info", help="every registered backend: available or not and why, device, "
+                                         "versions, capabilities")
+    p_info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p_conf = sub.add_parser("conformance", help="run the conformance suite and print the backends x families matrix")
+    who = p_conf.add_mutually_exclusive_group()
+    who.add_argument("--backend", action="append", metavar="NAME",
+                     help="backend to test (repeatable, or a comma-separated list); default: the current selection")
+    who.add_argument("--all", action="store_true", help="every registered backend (unavailable ones show why)")
+    p_conf.add_argument("--level", choices=("quick", "full"), default="quick")
+    p_conf.add_argument("--report", metavar="FILE.json", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return _info(args)
+    return _conformance(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
