@@ -12,6 +12,7 @@ from typing import Any
 
 from hal.attention import attention, merge_attention_states, mla_attention, paged_attention
 from hal.backend import AttentionParams, Backend, Probe
+from hal.block_manager import BlockManager
 from hal.capabilities import Capabilities
 from hal.errors import BackendUnavailable, HALError, InvalidInput, OutOfBlocks, Unsupported
 from hal.kv_cache import KVCache, KVCacheSpec, MLACacheSpec
@@ -22,7 +23,6 @@ __version__ = "0.1.0"
 
 # names served from modules that are loaded on first use
 _LAZY = {
-    "BlockManager": "hal.block_manager",
     "reference": "hal.reference",
     "conformance": "hal.conformance",
 }
