@@ -84,6 +84,14 @@ def _conformance(args: argparse.Namespace) -> int:
             print(f"hal conformance: unknown backend {n!r}; valid: {', '.join(known)}", file=sys.stderr)
             return 2
     cases = cases_for_level(args.level)
+    if args.family:
+        wanted = {f for fam in args.family for f in fam.split(",") if f}
+        unknown = wanted - set(families_of(cases))
+        if unknown:
+            print(f"hal conformance: unknown family {sorted(unknown)}; valid: {', '.join(families_of(cases))}",
+                  file=sys.stderr)
+            return 2
+        cases = [c for c in cases if c.family in wanted]
     families = families_of(cases)
     progress = _Progress()
     t0 = time.perf_counter()
@@ -114,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="backend to test (repeatable, or a comma-separated list); default: the current selection")
     who.add_argument("--all", action="store_true", help="every registered backend (unavailable ones show why)")
     p_conf.add_argument("--level", choices=("quick", "full"), default="quick")
+    p_conf.add_argument("--family", action="append", metavar="NAME",
+                        help="run only these families (repeatable or comma-separated); default: all")
     p_conf.add_argument("--report", metavar="FILE.json", help="also write the results as JSON")
     args = parser.parse_args(argv)
     if args.command == "info":
