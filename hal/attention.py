@@ -19,7 +19,6 @@ from hal.backend import AttentionParams, Backend
 from hal.errors import InvalidInput, Unsupported
 from hal.kv_cache import KVCache
 from hal.plan import Plan, varlen_batch
-from hal.registry import resolve_backend
 
 __all__ = ["attention", "paged_attention", "mla_attention", "merge_attention_states"]
 
@@ -82,7 +81,7 @@ def attention(q: Any, k: Any, v: Any, *, cu_seqlens_q: Any = None, cu_seqlens_k:
     op = "hal.attention"
     like = array_kind(q)
     q, k, v = (to_torch(op, n, x) for n, x in (("q", q), ("k", k), ("v", v)))
-    be = resolve_backend(backend)
+    be = V.check_backend(op, backend)
     V.check_ndim(op, "q", q, 3, "[T, Hq, D] (token-major)")
     V.check_ndim(op, "k", k, 3, "[S, Hkv, D] (token-major)")
     V.check_ndim(op, "v", v, 3, "[S, Hkv, Dv] (token-major)")
@@ -222,7 +221,7 @@ def merge_attention_states(o_a: Any, lse_a: Any, o_b: Any, lse_b: Any, *,
     op = "hal.merge_attention_states"
     like = array_kind(o_a)
     ts = {n: to_torch(op, n, x) for n, x in (("o_a", o_a), ("lse_a", lse_a), ("o_b", o_b), ("lse_b", lse_b))}
-    be = resolve_backend(backend)
+    be = V.check_backend(op, backend)
     V.check_ndim(op, "o_a", ts["o_a"], 3, "[T, H, Dv]")
     dt = V.check_float(op, "o_a", ts["o_a"])
     if ts["o_b"].shape != ts["o_a"].shape or ts["o_b"].dtype != ts["o_a"].dtype:

@@ -33,7 +33,9 @@ FEATURES: dict[str, str] = {
 
 
 def _fmt(values: Iterable[Any]) -> str:
-    return ", ".join(str(v) for v in sorted(values, key=str))
+    vals = list(values)
+    key = (lambda v: v) if all(isinstance(v, int) for v in vals) else str
+    return ", ".join(str(v) for v in sorted(vals, key=key))
 
 
 @dataclass(frozen=True)

@@ -76,9 +76,15 @@ def get(name: str) -> Any:
 @contextlib.contextmanager
 def override(**values: Any) -> Iterator[None]:
     """Set knobs for the duration of a ``with`` block: ``with override(HAL_BACKEND="cpu"): ...``."""
-    for name in values:
-        if name not in KNOBS:
+    for name, value in values.items():
+        knob = KNOBS.get(name)
+        if knob is None:
             raise InvalidInput(f"[hal.config] unknown knob {name!r}; known: {sorted(KNOBS)}")
+        if isinstance(value, str):  # spelled as in the environment: "0" means False, "7" means 7
+            values[name] = knob.parse(value)
+        elif not isinstance(value, knob.kind) or (knob.kind is int and isinstance(value, bool)):
+            raise InvalidInput(f"[hal.config] override {name}={value!r}: expected a {knob.kind.__name__} "
+                               f"or a string as in the environment")
     saved = dict(_overrides)
     _overrides.update(values)
     try:

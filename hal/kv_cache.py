@@ -144,15 +144,13 @@ class KVCache:
     def __init__(self, spec: KVCacheSpec | MLACacheSpec, num_blocks: int, *,
                  backend: str | Backend | None = None, device: str | torch.device | None = None,
                  memory: str = "device", k_scale: Any = None, v_scale: Any = None) -> None:
-        from hal.registry import resolve_backend
-
         op = "hal.KVCache"
         if not isinstance(spec, (KVCacheSpec, MLACacheSpec)):
             raise InvalidInput(f"[{op}] spec must be a hal.KVCacheSpec or hal.MLACacheSpec, got {type(spec).__name__}")
         num_blocks = _positive(op, "num_blocks", num_blocks)
         if memory not in ("device", "unified"):
             raise InvalidInput(f"[{op}] memory must be 'device' or 'unified', got {memory!r}")
-        be = resolve_backend(backend)
+        be = V.check_backend(op, backend)
         reasons = be.capabilities().why_not(
             dtype=spec.dtype, kv_dtype=spec.kv_dtype, block_size=spec.block_size, memory=memory,
             head_dim=None if spec.is_mla else spec.head_dim,
@@ -261,7 +259,7 @@ class KVCache:
 
     def _check_block_ids(self, op: str, name: str, ids: Any) -> torch.Tensor:
         if isinstance(ids, (list, tuple, range)):
-            ids = torch.tensor(list(ids), dtype=torch.int64)
+            ids = torch.tensor(V.index_list(op, name, ids), dtype=torch.int64)
         ids = to_torch(op, name, ids)
         if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 1:
             raise InvalidInput(f"[{op}] {name} must be a 1-D int32/int64 tensor or a list of ints, got "
@@ -308,10 +306,13 @@ class KVCache:
             pairs = copies
         else:
             try:
-                pairs = torch.tensor([[int(s), int(d)] for s, d in copies], dtype=torch.int64).reshape(-1, 2)
+                rows = [V.index_list(op, f"copies[{i}]", (s, d)) for i, (s, d) in enumerate(copies)]
+            except InvalidInput:
+                raise
             except (TypeError, ValueError):
                 raise InvalidInput(f"[{op}] copies must be a list of (src, dst) block-id pairs or an int "
                                    f"tensor [n, 2], got {copies!r}") from None
+            pairs = torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
         if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.dtype not in (torch.int32, torch.int64):
             raise InvalidInput(f"[{op}] copies must be an int tensor [n, 2], got {list(pairs.shape)} {pairs.dtype}")
         if pairs.shape[0] == 0:

@@ -9,8 +9,8 @@ Selection (``HAL_BACKEND``, :func:`use_backend`, or the ``backend=`` argument of
 - one name: that backend runs, or ``BackendUnavailable`` is raised with its reasons; never a
   substitute;
 - an ordered list ``"cuda,cpu"``: the first available one; each skipped one is logged with its reason;
-- ``auto``: the first available non-emulated backend in the order cuda, rocm, tpu, plugins, cpu,
-  logged at INFO with why the others were rejected.
+- ``auto``: the first available non-emulated backend in the order cuda, rocm, tpu, plugins and
+  ``register_backend`` names, cpu, logged at INFO with why the others were rejected.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ _lock = threading.Lock()
 _registered: dict[str, str] = {}  # register_backend() entries (override built-ins and plugins)
 _plugins: dict[str, str] | None = None  # entry points, read once
 _instances: dict[str, Backend] = {}
-_selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("hal_backend", default=None)
+_selected: contextvars.ContextVar[Backend | None] = contextvars.ContextVar("hal_backend", default=None)
 
 
 @dataclass(frozen=True)
@@ -118,9 +118,10 @@ def registered_backends() -> dict[str, tuple[str, str]]:
         out[name] = (_BUILTIN[name], "builtin")
     for name, target in _entry_points().items():
         out[name] = (target, "plugin")
-    out["cpu"] = (_BUILTIN["cpu"], "builtin")
-    for name, target in _registered.items():
+    for name, target in _registered.items():  # new names rank with plugins; cpu stays last
         out[name] = (target, "registered")
+    cpu = out.pop("cpu", None)
+    out["cpu"] = cpu if cpu is not None and cpu[1] == "registered" else (_BUILTIN["cpu"], "builtin")
     return out
 
 
@@ -185,9 +186,6 @@ def _instance(name: str) -> Backend:
 
 
 def _requested() -> str:
-    sel = _selected.get()
-    if sel is not None:
-        return sel
     return config.get("HAL_BACKEND") or "auto"
 
 
@@ -195,6 +193,8 @@ def resolve_backend(spec: str | Backend | None = None) -> Backend:
     """The backend for ``spec`` (a name, a list "a,b", "auto", a Backend, or None = current selection)."""
     if isinstance(spec, Backend):
         return spec
+    if spec is None and (selected := _selected.get()) is not None:
+        return selected
     _apply_log_level()
     request = (spec if spec is not None else _requested()).strip()
     names = [n.strip() for n in request.split(",") if n.strip()]
@@ -270,7 +270,7 @@ def list_backends() -> list[BackendInfo]:
 def use_backend(name: str | Backend) -> Iterator[Backend]:
     """Within the block, ops without ``backend=`` run on ``name``. Resolved (and checked) on entry."""
     backend = resolve_backend(name)
-    token = _selected.set(backend.name)
+    token = _selected.set(backend)  # the instance: its .name need not be its registered name
     try:
         yield backend
     finally:

@@ -5,6 +5,7 @@ arrived. Checks here never launch device work; data-dependent checks read host-s
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ from hal.errors import InvalidInput
 
 __all__ = [
     "check_ndim", "check_float", "check_index", "check_devices", "check_int", "check_scalar",
-    "host_ints", "check_cu_seqlens",
+    "host_ints", "check_cu_seqlens", "check_backend", "index_list",
 ]
 
 
@@ -69,7 +70,8 @@ def check_int(op: str, name: str, value: Any, *, lo: int | None = None, hi: int 
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        if (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point()
+                and not value.is_complex() and value.dtype != torch.bool):
             value = int(value.item())
         else:
             raise InvalidInput(f"[{op}] {name} must be an int, got {type(value).__name__} {value!r}")
@@ -112,3 +114,29 @@ def check_cu_seqlens(op: str, name: str, values: list[int], total: int | None, t
                                f"{name}[{i + 1}]={values[i + 1]} < {name}[{i}]={values[i]}")
     if total is not None and values[-1] != total:
         raise InvalidInput(f"[{op}] {name}[-1]={values[-1]} must equal {total_name}={total}")
+
+
+def index_list(op: str, name: str, values: Any) -> list[int]:
+    """The ints of a Python sequence of ids; floats, bools and other non-integers raise (never truncated)."""
+    out = []
+    for i, x in enumerate(values):
+        if isinstance(x, bool) or (isinstance(x, torch.Tensor) and x.dtype == torch.bool):
+            raise InvalidInput(f"[{op}] {name}[{i}] must be an int, got bool {x!r}")
+        try:
+            out.append(operator.index(x))
+        except TypeError:
+            raise InvalidInput(f"[{op}] {name}[{i}] must be an int, got {type(x).__name__} {x!r}") from None
+    return out
+
+
+def check_backend(op: str, backend: Any) -> Any:
+    """``resolve_backend(backend)``, with a bad name reported as this op's ``backend`` argument."""
+    from hal.registry import resolve_backend
+
+    try:
+        return resolve_backend(backend)
+    except InvalidInput as e:
+        msg = str(e)
+        if not msg.startswith("[hal] "):
+            raise
+        raise InvalidInput(f"[{op}] backend={backend!r}: {msg[len('[hal] '):]}") from None

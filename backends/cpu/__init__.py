@@ -18,7 +18,7 @@ from hal.capabilities import Capabilities
 _CAPABILITIES = Capabilities(
     dtypes=frozenset({"fp32", "fp16", "bf16"}),
     kv_dtypes=frozenset({"auto"}),
-    head_dims=frozenset({32, 64, 80, 96, 112, 128, 160, 192, 256}),
+    head_dims=frozenset(range(8, 257, 8)) | {512},  # any multiple of 8 up to 256, and 512
     block_sizes=frozenset({1, 2, 4, 8, 16, 32, 64, 128, 256}),
     features=frozenset({"dense", "paged", "causal", "non_causal", "window", "softcap", "alibi", "sinks",
                         "lse", "gqa", "merge", "copy_blocks", "batch_invariant"}),

@@ -151,7 +151,7 @@ def _undeclared(backend: Backend) -> list[Comparison]:
     def cache(hd: int = d, block: int = bs, dt: str = dtype, memory: str = "device") -> Any:
         return hal.KVCache(hal.KVCacheSpec(1, 2, hd, block_size=block, dtype=dt), 4, backend=backend, memory=memory)
 
-    hd = next(x for x in (72, 40, 48, 24, 8, 4, 2) if x not in caps.head_dims)
+    hd = next(x for x in (72, 100, 40, 48, 24, 12, 8, 4, 2) if x not in caps.head_dims)
     comps.append(_expect_unsupported(f"dense head_dim {hd}", lambda: dense(hd=hd)))
     comps.append(_expect_unsupported(f"KVCache head_dim {hd}", lambda: cache(hd=hd)))
     block = next(x for x in (3, 5, 7, 24, 48) if x not in caps.block_sizes)

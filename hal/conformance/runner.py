@@ -127,8 +127,9 @@ def _cell(outs: list[Outcome]) -> str:
     return f"skip {n_skip}" if n_skip else "-"
 
 
-def print_matrix(reports: list[BackendReport], families: list[str], level: str, out: TextIO = sys.stdout) -> None:
+def print_matrix(reports: list[BackendReport], families: list[str], level: str, out: TextIO | None = None) -> None:
     """The backends x families matrix, then every FAIL and every skip reason."""
+    out = out or sys.stdout
     head = ["backend"] + families
     rows = []
     for r in reports:

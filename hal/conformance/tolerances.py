@@ -30,9 +30,9 @@ class Tolerance:
 
 
 TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(factor=4.0, floor_ulps=32.0, ceiling=2e-4, lse_floor=2e-6, lse_ceiling=2e-3),
-    "fp16": Tolerance(factor=4.0, floor_ulps=2.0, ceiling=4e-3, lse_floor=2e-5, lse_ceiling=2e-3),
-    "bf16": Tolerance(factor=4.0, floor_ulps=2.0, ceiling=3e-2, lse_floor=2e-5, lse_ceiling=2e-3),
+    "fp32": Tolerance(factor=2.0, floor_ulps=32.0, ceiling=2e-4, lse_floor=2e-6, lse_ceiling=2e-3),
+    "fp16": Tolerance(factor=2.0, floor_ulps=1.0, ceiling=4e-3, lse_floor=2e-5, lse_ceiling=2e-3),
+    "bf16": Tolerance(factor=2.0, floor_ulps=1.0, ceiling=3e-2, lse_floor=2e-5, lse_ceiling=2e-3),
 }
 
 
