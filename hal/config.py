@@ -15,7 +15,7 @@ from typing import Any
 
 from hal.errors import InvalidInput
 
-__all__ = ["Knob", "KNOBS", "get", "override", "unknown_variables"]
+__all__ = ["Knob", "KNOBS", "get", "is_set", "override", "unknown_variables"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,13 @@ def override(**values: Any) -> Iterator[None]:
     finally:
         _overrides.clear()
         _overrides.update(saved)
+
+
+def is_set(name: str) -> bool:
+    """Whether knob ``name`` was given (environment or override) rather than left at its default."""
+    if name not in KNOBS:
+        raise InvalidInput(f"[hal.config] unknown knob {name!r}; known: {sorted(KNOBS)}")
+    return name in _overrides or name in os.environ
 
 
 def unknown_variables() -> list[str]:

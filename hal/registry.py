@@ -38,8 +38,11 @@ _log_level_applied: str | None = None
 
 
 def _apply_log_level() -> None:
-    """Give hal's logger the level of HAL_LOG_LEVEL, with a stderr handler when hal has none."""
+    """When HAL_LOG_LEVEL is set, give hal's logger that level and a stderr handler if it has none.
+    Unset, the logger is left as the application configured it."""
     global _log_level_applied
+    if not config.is_set("HAL_LOG_LEVEL"):
+        return
     level = str(config.get("HAL_LOG_LEVEL")).upper()
     if level == _log_level_applied:
         return
@@ -51,6 +54,7 @@ def _apply_log_level() -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
     _log_level_applied = level
+
 
 _BUILTIN: dict[str, str] = {
     "cuda": "hal.backends.cuda:CudaBackend",
