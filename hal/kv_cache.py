@@ -8,7 +8,6 @@ token-major shapes, so a runtime never depends on a backend's layout.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,28 +18,9 @@ from hal.arrays import to_torch
 from hal.backend import Backend
 from hal.dtypes import DTYPES, normalize_dtype, normalize_kv_dtype
 from hal.errors import InvalidInput, Unsupported
+from hal.kv_formats import row_bytes
 
 __all__ = ["KVCacheSpec", "MLACacheSpec", "KVCache", "row_bytes"]
-
-
-def row_bytes(kv_dtype: str, dim: int, itemsize: int) -> int:
-    """Bytes stored for one token's vector of ``dim`` values of one head, scales included.
-
-    auto: dim * itemsize; fp8: dim (scales are per layer and head, not per token); int8: dim + 2
-    (one fp16 scale); int6: ceil(3 dim / 4) + 2 (four values in three bytes); int4: ceil(dim / 2)
-    + 2 * ceil(dim / 32) (two values per byte, one fp16 scale per group of 32 channels).
-    """
-    if kv_dtype == "auto":
-        return dim * itemsize
-    if kv_dtype in ("fp8_e4m3", "fp8_e5m2"):
-        return dim
-    if kv_dtype == "int8":
-        return dim + 2
-    if kv_dtype == "int6":
-        return math.ceil(3 * dim / 4) + 2
-    if kv_dtype == "int4":
-        return math.ceil(dim / 2) + 2 * math.ceil(dim / 32)
-    raise InvalidInput(f"[hal] unknown kv_dtype {kv_dtype!r}")
 
 
 def _positive(op: str, name: str, value: Any) -> int:

@@ -71,7 +71,7 @@ class CpuBackend(Backend):
     def kv_create(self, spec, num_blocks, memory, device, k_scale, v_scale) -> Any:  # type: ignore[no-untyped-def]
         from hal.backends.cpu.kv_cache import create
 
-        return create(spec, num_blocks, device)
+        return create(spec, num_blocks, device, k_scale, v_scale)
 
     def kv_write(self, storage, layer, k, v, slot_mapping) -> None:  # type: ignore[no-untyped-def]
         storage.write(layer, k, v, slot_mapping)

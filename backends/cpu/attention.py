@@ -118,10 +118,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: V
 def paged_attention(q: torch.Tensor, cache: CpuKVStorage, layer: int, plan: Plan, p: AttentionParams,
                     return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q [T, Hq, D] over the blocks of ``layer`` -> out [T, Hq, Dv], lse [T, Hq]."""
-    k_blocks, v_blocks = cache.k[layer], cache.v[layer]  # [num_blocks, bs, Hkv, D|Dv]
     bs = cache.block_size
     chunk = max(bs, (KV_CHUNK // bs) * bs)
-    out = torch.empty(q.shape[0], q.shape[1], v_blocks.shape[-1], dtype=q.dtype)
+    out = torch.empty(q.shape[0], q.shape[1], cache.dims[1], dtype=q.dtype)
     lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32) if return_lse else None
     cq = plan.cu_seqlens_q_host
     for b, kv_len in enumerate(plan.seq_lens_host):
@@ -131,14 +130,12 @@ def paged_attention(q: torch.Tensor, cache: CpuKVStorage, layer: int, plan: Plan
         table = plan.block_table_host[b].to(torch.int64)
 
         def fetch(c0: int, c1: int, table: torch.Tensor = table) -> tuple[torch.Tensor, torch.Tensor]:
-            # the blocks covering [c0, c1), then exactly those tokens (never a slot past seq_len)
+            # the blocks covering [c0, c1), decoded, then exactly those tokens (never a slot past seq_len)
             b0, b1 = c0 // bs, -(-c1 // bs)
-            ids = table[b0:b1]
-            kk = k_blocks.index_select(0, ids).flatten(0, 1)[c0 - b0 * bs:c1 - b0 * bs]
-            vv = v_blocks.index_select(0, ids).flatten(0, 1)[c0 - b0 * bs:c1 - b0 * bs]
-            return kk, vv
+            k, v = cache.fetch(layer, table[b0:b1], c0 - b0 * bs, c1 - b0 * bs)
+            return k, v
 
-        _attend_sequence(q[q0:q1], kv_len, fetch, chunk, p, k_blocks.shape[2], out[q0:q1],
+        _attend_sequence(q[q0:q1], kv_len, fetch, chunk, p, cache.num_heads, out[q0:q1],
                          None if lse is None else lse[q0:q1])
     return out, lse
 
