@@ -56,6 +56,12 @@ KNOBS: dict[str, Knob] = {
              "Level of `pytest --pyargs hal.conformance`: quick or full"),
         Knob("HAL_SEED", int, 0,
              "Seed of the conformance suite's generated inputs"),
+        Knob("HAL_CPU_KERNELS", str, "auto",
+             "cpu backend kernels: auto (native C built on first use, torch where it does not apply) or torch"),
+        Knob("HAL_CACHE_DIR", str, "~/.cache/hal",
+             "Where hal keeps what it builds (the cpu backend's compiled kernels)"),
+        Knob("HAL_CC", str, "",
+             "C compiler for the cpu backend's kernels (default: gcc, then cc)"),
     )
 }
 

@@ -85,3 +85,41 @@ def test_long_prefill_runs_in_tiles_without_a_full_score_matrix() -> None:
     for row in (0, 1777, 4095):
         want, _ = attention_reference(q[row:row + 1], k[:row + 1], k[:row + 1], causal=True)
         assert (out[row:row + 1].double() - want).abs().max() < 3e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: "-".join(sorted(o)))
+def test_native_decode_and_torch_paths_both_match_the_reference(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                                                 opts: dict) -> None:
+    native = pytest.importorskip("hal.backends.cpu.kernels.paged_decode")
+    gen = torch.Generator().manual_seed(7)
+    seq_lens, q_lens = [40, 17, 1, 64, 33], [1, 3, 1, 20, 16]  # 20 > MAX_Q_LEN: torch beside native
+    bs = 16
+    nb = sum(-(-s // bs) for s in seq_lens) + 1
+    cache = hal.KVCache(hal.KVCacheSpec(1, 2, 64, block_size=bs, dtype=dtype), nb)
+    cache.write(0, torch.randn(nb * bs, 2, 64, generator=gen).to(dtype), torch.randn(nb * bs, 2, 64, generator=gen).to(dtype),
+                torch.arange(nb * bs))
+    table = torch.randperm(nb, generator=gen)[:nb - 1].to(torch.int32)
+    rows, start = [], 0
+    for s in seq_lens:
+        n = -(-s // bs)
+        rows.append(torch.cat([table[start:start + n], torch.zeros(8 - n, dtype=torch.int32)]))
+        start += n
+    bt = torch.stack(rows)
+    cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    plan = hal.plan(cu, torch.tensor(seq_lens, dtype=torch.int32), bt, cache)
+    q = torch.randn(int(cu[-1]), 4, 64, generator=gen).to(dtype)
+    kc, vc = cache.read(0, range(nb))
+    want, want_lse = paged_attention_reference(q, kc, vc, cu, seq_lens, bt, **opts)
+    tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    results = {}
+    for path in ("native", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(native, "applies", lambda *a: False)
+        elif not native.applies(cache.storage, q):
+            pytest.skip("native kernels unavailable: " + hal.backends.cpu.kernels.status("paged_decode"))
+        out, lse = hal.paged_attention(q, cache, 0, plan, return_lse=True, **opts)
+        assert (out.double() - want).abs().max() < tol, path
+        assert torch.allclose(lse.double(), want_lse, atol=1e-4), path
+        results[path] = out
+    assert (results["native"].double() - results["torch"].double()).abs().max() < tol

@@ -17,12 +17,14 @@ import torch
 from hal.backend import AttentionParams
 from hal.plan import Plan, VarlenBatch
 
+from .kernels import paged_decode as native_decode
 from .kv_cache import CpuKVStorage
 
 Q_TILE = 128  # query tokens per tile
 KV_CHUNK = 512  # keys per chunk (whole blocks for paged caches)
 
-FetchKV = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]  # [c0, c1) -> k [n, Hkv, D], v [n, Hkv, Dv]
+# [c0, c1) -> k [n, Hkv, D], v [n, Hkv, Dv]; v None: the value is k[..., :Dv] (MLA's latent, fetched once)
+FetchKV = Callable[[int, int], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def _attend_tile(
@@ -52,8 +54,10 @@ def _attend_tile(
     start = (lo // chunk) * chunk
     for c0 in range(start, hi, chunk):
         c0, c1 = max(c0, lo), min(c0 + chunk, hi)
-        k, v = fetch(c0, c1)  # [nk, Hkv, D], [nk, Hkv, Dv]
-        s = torch.bmm(qt, k.float().permute(1, 2, 0)).view(num_kv_heads, g, n, c1 - c0)  # [Hkv, G, n, nk]
+        k, v = fetch(c0, c1)  # [nk, Hkv, D], [nk, Hkv, Dv] (or None)
+        kf = k.float()
+        vf = kf[..., :v_head_dim] if v is None else v.float()
+        s = torch.bmm(qt, kf.permute(1, 2, 0)).view(num_kv_heads, g, n, c1 - c0)  # [Hkv, G, n, nk]
         if p.softcap is not None:
             s = torch.tanh(s / p.softcap) * p.softcap
         j = torch.arange(c0, c1)
@@ -71,7 +75,7 @@ def _attend_tile(
         pr = torch.exp(s - m_safe[..., None])  # [Hkv, G, n, nk], masked keys give 0
         l = l * alpha + pr.sum(-1)
         acc = acc * alpha.view(num_kv_heads, g * n, 1) + torch.bmm(
-            pr.view(num_kv_heads, g * n, c1 - c0), v.float().permute(1, 0, 2))
+            pr.view(num_kv_heads, g * n, c1 - c0), vf.permute(1, 0, 2))
         m = m_new
     seen = l > 0
     out = torch.where(seen.view(num_kv_heads, g * n, 1), acc / l.clamp_min(1e-38).view(num_kv_heads, g * n, 1),
@@ -117,23 +121,30 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: V
 
 def paged_attention(q: torch.Tensor, cache: CpuKVStorage, layer: int, plan: Plan, p: AttentionParams,
                     return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """q [T, Hq, D] over the blocks of ``layer`` -> out [T, Hq, Dv], lse [T, Hq]."""
+    """q [T, Hq, D] over the blocks of ``layer`` -> out [T, Hq, Dv], lse [T, Hq]. An MLA cache (one
+    component, the row [c_kv; k_pe]) serves as MQA whose value is the row's first Dv = R channels.
+    Decode and multi-token decode sequences go to the native kernel when it applies."""
     bs = cache.block_size
     chunk = max(bs, (KV_CHUNK // bs) * bs)
-    out = torch.empty(q.shape[0], q.shape[1], cache.dims[1], dtype=q.dtype)
+    out = torch.empty(q.shape[0], q.shape[1], cache.spec.v_head_dim, dtype=q.dtype)
     lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32) if return_lse else None
+    native = [False] * plan.num_seqs
+    if native_decode.applies(cache, q):
+        native = native_decode.eligible(plan, q.shape[1] // cache.num_heads)
+        if any(native):
+            native_decode.paged_decode(q, cache, layer, plan, p, out, lse, native)
     cq = plan.cu_seqlens_q_host
     for b, kv_len in enumerate(plan.seq_lens_host):
         q0, q1 = cq[b], cq[b + 1]
-        if q1 == q0:
+        if q1 == q0 or native[b]:
             continue
         table = plan.block_table_host[b].to(torch.int64)
 
-        def fetch(c0: int, c1: int, table: torch.Tensor = table) -> tuple[torch.Tensor, torch.Tensor]:
+        def fetch(c0: int, c1: int, table: torch.Tensor = table) -> tuple[torch.Tensor, torch.Tensor | None]:
             # the blocks covering [c0, c1), decoded, then exactly those tokens (never a slot past seq_len)
             b0, b1 = c0 // bs, -(-c1 // bs)
-            k, v = cache.fetch(layer, table[b0:b1], c0 - b0 * bs, c1 - b0 * bs)
-            return k, v
+            comps = cache.fetch(layer, table[b0:b1], c0 - b0 * bs, c1 - b0 * bs)
+            return comps[0], (comps[1] if len(comps) > 1 else None)  # MLA: one component, no separate v
 
         _attend_sequence(q[q0:q1], kv_len, fetch, chunk, p, cache.num_heads, out[q0:q1],
                          None if lse is None else lse[q0:q1])

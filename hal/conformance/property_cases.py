@@ -199,10 +199,10 @@ def _batch_dense(name: str, shape: Shape, dtype: str, backend: Backend) -> list[
     return comps
 
 
-def _batch_paged(name: str, shape: Shape, dtype: str, backend: Backend) -> list[Comparison]:
+def _batch_paged(name: str, shape: Shape, dtype: str, batch_name: str, backend: Backend) -> list[Comparison]:
     import hal
 
-    batch: Batch = BATCHES["mixed"]
+    batch: Batch = BATCHES[batch_name]
     setup = make_paged(backend, name, shape, batch, dtype, 16)
     q = randn(generator(name + "/q"), batch.cu_q[-1], shape.hq, shape.d, dtype=dtype).to(setup.cache.device)
     bitwise = "batch_invariant" in backend.capabilities().features
@@ -225,8 +225,9 @@ def batch_cases() -> Iterator[Case]:
     for dtype in ("fp32", "bf16"):
         yield Case("batch", f"dense/{_SHAPE.name}/{dtype}", "quick", requires_for(_SHAPE, dtype, ["dense", "causal"]),
                    partial(_batch_dense, f"batch/dense/{_SHAPE.name}/{dtype}", _SHAPE, dtype))
-        yield Case("batch", f"paged/{_SHAPE.name}/{dtype}", "quick",
-                   requires_for(_SHAPE, dtype, ["paged", "causal"], block_size=16),
-                   partial(_batch_paged, f"batch/paged/{_SHAPE.name}/{dtype}", _SHAPE, dtype))
+        for batch in ("mixed", "long"):  # long: prefill chunks beside decodes
+            yield Case("batch", f"paged/{_SHAPE.name}/{dtype}/{batch}", "quick",
+                       requires_for(_SHAPE, dtype, ["paged", "causal"], block_size=16),
+                       partial(_batch_paged, f"batch/paged/{_SHAPE.name}/{dtype}/{batch}", _SHAPE, dtype, batch))
 
 

@@ -1,0 +1,81 @@
+"""Native kernels of the cpu backend: C compiled on first use for the machine that runs it.
+
+``gcc -O3 -march=native -fopenmp`` builds each source once per machine into hal's cache folder
+(``HAL_CACHE_DIR``), keyed by the source, the flags and the CPU's feature flags, so a machine
+with AVX-512 gets the AVX-512 paths and one without gets plain C loops. When no compiler is
+found, or ``HAL_CPU_KERNELS=torch``, the backend runs its PyTorch implementation instead and
+``hal info`` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+from hal import config
+
+_HERE = Path(__file__).parent
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wall", "-lm"]
+_lock = threading.Lock()
+_libs: dict[str, ctypes.CDLL | str] = {}  # source name -> library, or the reason it is unavailable
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build(name: str) -> ctypes.CDLL | str:
+    if config.get("HAL_CPU_KERNELS") == "torch":
+        return "HAL_CPU_KERNELS=torch"
+    cc = shutil.which(os.path.basename(str(config.get("HAL_CC")))) if config.get("HAL_CC") else None
+    cc = cc or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        return "no C compiler found (install gcc, or set HAL_CC)"
+    src = (_HERE / f"{name}.c").read_bytes()
+    key = hashlib.sha256(src + " ".join([cc, *_FLAGS]).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    out_dir = Path(str(config.get("HAL_CACHE_DIR"))).expanduser() / "kernels"
+    lib_path = out_dir / f"{name}-{key}.so"
+    if not lib_path.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            tmp_lib = Path(tmp) / lib_path.name
+            res = subprocess.run([cc, str(_HERE / f"{name}.c"), "-o", str(tmp_lib), *_FLAGS],
+                                 capture_output=True, text=True)
+            if res.returncode != 0:
+                return f"{cc} failed on {name}.c: {res.stderr.strip()[-400:]}"
+            os.replace(tmp_lib, lib_path)  # atomic: concurrent builders agree
+    return ctypes.CDLL(str(lib_path))
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled library ``name`` (building it on first use), or None when unavailable."""
+    with _lock:
+        if name not in _libs:
+            _libs[name] = _build(name)
+        lib = _libs[name]
+    return lib if isinstance(lib, ctypes.CDLL) else None
+
+
+def status(name: str) -> str:
+    """'native' or the reason the torch implementation runs instead."""
+    lib = load(name)
+    return "native" if lib is not None else str(_libs[name])
+
+
+def reset() -> None:
+    """Forget loaded libraries (tests that switch HAL_CPU_KERNELS)."""
+    with _lock:
+        _libs.clear()

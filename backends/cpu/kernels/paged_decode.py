@@ -1,0 +1,75 @@
+"""Launcher of ``paged_decode.c``: paged attention for decode and multi-token decode batches."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from hal.backend import AttentionParams
+from hal.plan import Plan
+
+from . import load
+
+_FMT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MAX_Q_LEN = 16  # longer query runs (prefill chunks) go to the tiled torch kernel
+MAX_ROWS, MAX_DIM = 256, 1024  # as in paged_decode.c
+
+
+class _Args(ctypes.Structure):
+    _fields_ = [
+        ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
+        ("block_table", ctypes.c_void_p), ("seq_lens", ctypes.c_void_p), ("cu_q", ctypes.c_void_p),
+        ("active", ctypes.c_void_p),
+        ("out", ctypes.c_void_p), ("lse", ctypes.c_void_p), ("alibi", ctypes.c_void_p), ("sinks", ctypes.c_void_p),
+        ("bt_stride", ctypes.c_int64),
+        ("B", ctypes.c_int), ("Hq", ctypes.c_int), ("Hkv", ctypes.c_int), ("D", ctypes.c_int),
+        ("Dv", ctypes.c_int), ("bs", ctypes.c_int),
+        ("dtype", ctypes.c_int), ("kfmt", ctypes.c_int), ("vfmt", ctypes.c_int),
+        ("k_width", ctypes.c_int64), ("v_width", ctypes.c_int64),
+        ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
+        ("causal", ctypes.c_int), ("window", ctypes.c_int),
+    ]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def applies(storage: object, q: torch.Tensor) -> bool:
+    """Whether the native kernel can serve this cache at all (auto rows of q's dtype, compiled)."""
+    spec = storage.spec  # type: ignore[attr-defined]
+    return (spec.kv_dtype == "auto" and not spec.is_mla and q.dtype in _FMT and spec.head_dim <= MAX_DIM
+            and spec.v_head_dim <= MAX_DIM and load("paged_decode") is not None)
+
+
+def eligible(plan: Plan, group: int) -> list[bool]:
+    """Per sequence: whether the kernel computes it (short query runs). Decided per sequence, never
+    per batch, so a sequence takes the same path whatever else is in the batch (batch invariance)."""
+    return [0 < q <= MAX_Q_LEN and q * group <= MAX_ROWS for q in plan.q_lens()]
+
+
+def paged_decode(q: torch.Tensor, storage: object, layer: int, plan: Plan, p: AttentionParams,
+                 out: torch.Tensor, lse: torch.Tensor | None, active: list[bool]) -> None:
+    """Write out [T, Hq, Dv] (and lse [T, Hq]) rows of the ``active`` sequences."""
+    lib = load("paged_decode")
+    k_rows, v_rows = storage.rows[0][layer], storage.rows[1][layer]  # type: ignore[attr-defined]
+    hq, d = q.shape[1], q.shape[2]
+    hkv, dv = k_rows.shape[2], storage.dims[1]  # type: ignore[attr-defined]
+    q = q.contiguous()
+    table = plan.block_table_host
+    seq_lens = torch.tensor(plan.seq_lens_host, dtype=torch.int32)
+    cu_q = torch.tensor(plan.cu_seqlens_q_host, dtype=torch.int32)
+    act = torch.tensor(active, dtype=torch.uint8)
+    alibi = None if p.alibi_slopes is None else p.alibi_slopes.contiguous()
+    sinks = None if p.sinks is None else p.sinks.contiguous()
+    args = _Args(
+        q=_ptr(q), k=_ptr(k_rows), v=_ptr(v_rows), block_table=_ptr(table), seq_lens=_ptr(seq_lens),
+        cu_q=_ptr(cu_q), active=_ptr(act), out=_ptr(out), lse=_ptr(lse), alibi=_ptr(alibi), sinks=_ptr(sinks),
+        bt_stride=table.shape[1], B=plan.num_seqs, Hq=hq, Hkv=hkv, D=d, Dv=dv, bs=plan.block_size,
+        dtype=_FMT[q.dtype], kfmt=_FMT[k_rows.dtype], vfmt=_FMT[v_rows.dtype],
+        k_width=k_rows.shape[-1] * k_rows.element_size(), v_width=v_rows.shape[-1] * v_rows.element_size(),
+        scale=p.scale, softcap=p.softcap or 0.0, causal=int(p.causal),
+        window=-1 if p.window_left is None else p.window_left)
+    rc = lib.hal_paged_decode(ctypes.byref(args), ctypes.c_int(torch.get_num_threads()))  # type: ignore[union-attr]
+    assert rc == 0, "paged_decode.c refused sequences that eligible() accepted"
