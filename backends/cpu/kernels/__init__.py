@@ -40,10 +40,10 @@ def _cpu_flags() -> str:
 def _build(name: str) -> ctypes.CDLL | str:
     if config.get("HAL_CPU_KERNELS") == "torch":
         return "HAL_CPU_KERNELS=torch"
-    cc = shutil.which(os.path.basename(str(config.get("HAL_CC")))) if config.get("HAL_CC") else None
-    cc = cc or shutil.which("gcc") or shutil.which("cc")
+    wanted = str(config.get("HAL_CC"))
+    cc = shutil.which(wanted) if wanted else (shutil.which("gcc") or shutil.which("cc"))
     if cc is None:
-        return "no C compiler found (install gcc, or set HAL_CC)"
+        return f"C compiler {wanted!r} (HAL_CC) not found" if wanted else "no C compiler found (install gcc, or set HAL_CC)"
     src = (_HERE / f"{name}.c").read_bytes()
     key = hashlib.sha256(src + " ".join([cc, *_FLAGS]).encode() + _cpu_flags().encode()).hexdigest()[:16]
     out_dir = Path(str(config.get("HAL_CACHE_DIR"))).expanduser() / "kernels"
