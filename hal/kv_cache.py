@@ -183,6 +183,9 @@ class KVCache:
             return None, None
         if spec.kv_dtype not in ("fp8_e4m3", "fp8_e5m2"):
             raise InvalidInput(f"[{op}] k_scale/v_scale apply to fp8 caches only; kv_dtype is {spec.kv_dtype!r}")
+        if spec.is_mla and v_scale is not None:
+            raise InvalidInput(f"[{op}] an MLA cache stores one row per token (c_kv and k_pe together): give its "
+                               f"scale as k_scale [num_layers, 1], not v_scale")
         out = []
         for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
             if s is None:

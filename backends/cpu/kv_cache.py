@@ -26,6 +26,7 @@ class CpuKVStorage:
     dims: list[int]  # per component: values per row (K: D, V: Dv; MLA: R + P)
     scales: list[torch.Tensor] | None  # fp8 only: per component fp32 [L, H]
     scale_frozen: torch.Tensor | None  # fp8 only: bool [L], set by the layer's first write
+    scale_given: tuple[bool, ...] = ()  # fp8 only: per component, scale given at creation (never recomputed)
 
     @property
     def block_size(self) -> int:
@@ -50,8 +51,9 @@ class CpuKVStorage:
         if self.scales is not None and self.scale_frozen is not None and not bool(self.scale_frozen[layer]):
             if slots.numel() == 0:
                 return  # nothing to compute a scale from yet
-            for i, x in enumerate(comps):  # the layer's first write fixes its scales
-                self.scales[i][layer] = kv_formats.fp8_scales(kv_dtype, x)
+            for i, x in enumerate(comps):  # the layer's first write fixes the scales not given
+                if not self.scale_given[i]:
+                    self.scales[i][layer] = kv_formats.fp8_scales(kv_dtype, x)
             self.scale_frozen[layer] = True
         for i, x in enumerate(comps):
             scale = None if self.scales is None else self.scales[i][layer][:, None]
@@ -89,8 +91,10 @@ def create(spec: KVCacheSpec | MLACacheSpec, num_blocks: int, device: torch.devi
                         kv_formats.row_width(spec.kv_dtype, d, spec.torch_dtype), dtype=dt, device=device)
             for d in dims]
     scales = frozen = None
+    given: tuple[bool, ...] = ()
     if spec.kv_dtype in _FP8:
-        given = [k_scale, v_scale][:len(dims)]
-        scales = [s.clone() if s is not None else torch.ones(spec.num_layers, heads) for s in given]
-        frozen = torch.full((spec.num_layers,), all(s is not None for s in given))
-    return CpuKVStorage(spec=spec, rows=rows, dims=dims, scales=scales, scale_frozen=frozen)
+        passed = [k_scale, v_scale][:len(dims)]
+        given = tuple(s is not None for s in passed)
+        scales = [s.clone() if s is not None else torch.ones(spec.num_layers, heads) for s in passed]
+        frozen = torch.full((spec.num_layers,), all(given))
+    return CpuKVStorage(spec=spec, rows=rows, dims=dims, scales=scales, scale_frozen=frozen, scale_given=given)

@@ -17,7 +17,7 @@ from hal.backend import Backend
 from hal.conformance.case import Case, CheckFailed
 from hal.errors import HALError, Unsupported
 
-__all__ = ["Outcome", "BackendReport", "run_case", "run_backend", "print_matrix", "write_report"]
+__all__ = ["Outcome", "Reported", "BackendReport", "run_case", "run_backend", "print_matrix", "write_report"]
 
 SPEC_VERSION = "1"
 
@@ -32,6 +32,20 @@ class Outcome:
     ratio: float | None = None  # worst err / tol (0 for exact checks)
     message: str = ""
     seconds: float = 0.0
+    info: dict[str, float] = field(default_factory=dict)  # measured and reported, never gated
+    info_row: str = ""  # the row of the reported-numbers table these belong to
+
+
+class Reported(list):  # type: ignore[type-arg]
+    """What a check returns when it also measures numbers that are reported, not gated: its
+    comparisons, plus ``info`` ({name: value}) tabulated after the matrix under ``row``. Across the
+    cases of one row the table shows each name's worst value: the largest, or the smallest for
+    names ending in "agreement"."""
+
+    def __init__(self, comparisons: Iterable[Any], info: dict[str, float], row: str) -> None:
+        super().__init__(comparisons)
+        self.info = dict(info)
+        self.row = row
 
 
 @dataclass
@@ -78,13 +92,16 @@ def run_case(backend: Backend, case: Case) -> Outcome:
                 default=None)
     bad = [c for c in comps if not c.ok]
     seconds = time.perf_counter() - t0
+    info = dict(comps.info) if isinstance(comps, Reported) else {}
+    row = comps.row if isinstance(comps, Reported) else ""
     if worst is None:
-        return Outcome(case.family, case.name, "pass", seconds=seconds)
+        return Outcome(case.family, case.name, "pass", seconds=seconds, info=info, info_row=row)
     ratio = worst.ratio if worst.tol > 0 else (0.0 if worst.err == 0 else float("inf"))
     if bad:
         return Outcome(case.family, case.name, "FAIL", worst.err, worst.tol, ratio,
-                       "; ".join(c.describe() for c in bad), seconds)
-    return Outcome(case.family, case.name, "pass", worst.err, worst.tol, ratio, worst.describe(), seconds)
+                       "; ".join(c.describe() for c in bad), seconds, info, row)
+    return Outcome(case.family, case.name, "pass", worst.err, worst.tol, ratio, worst.describe(), seconds,
+                   info, row)
 
 
 def run_backend(name: str, cases: list[Case], progress: Callable[[str, int, int, Case], None] | None = None
@@ -162,6 +179,34 @@ def print_matrix(reports: list[BackendReport], families: list[str], level: str, 
         print("\nmax abs error by dtype (all passing comparisons):", file=out)
         for name, by_dtype in errs.items():
             print(f"  {name}: " + ", ".join(f"{dt} {e:.2g}" for dt, e in sorted(by_dtype.items())), file=out)
+    _print_reported(reports, out)
+
+
+def reported_table(report: BackendReport) -> dict[str, dict[str, float]]:
+    """{family/row: {name: worst value over the row's cases}} of the numbers cases report (``Reported``)."""
+    table: dict[str, dict[str, float]] = {}
+    for o in report.outcomes:
+        if not o.info:
+            continue
+        row = table.setdefault(f"{o.family}/{o.info_row or o.case}", {})
+        for name, value in o.info.items():
+            pick = min if name.endswith("agreement") else max
+            row[name] = pick(row[name], value) if name in row else value
+    return table
+
+
+def _print_reported(reports: list[BackendReport], out: TextIO) -> None:
+    for r in reports:
+        table = reported_table(r)
+        if not table:
+            continue
+        names = list(dict.fromkeys(n for row in table.values() for n in row))
+        head = [f"{r.name}: reported, not gated"] + names
+        rows = [[label] + [f"{row[n]:.4g}" if n in row else "-" for n in names] for label, row in table.items()]
+        widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+        print("", file=out)
+        for line in [head] + rows:
+            print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip(), file=out)
 
 
 def _max_errors(reports: list[BackendReport]) -> dict[str, dict[str, float]]:
@@ -198,6 +243,7 @@ def write_report(path: str, reports: list[BackendReport], families: list[str], l
         "seconds": round(seconds, 1), "families": families,
         "passed": not any(r.failed for r in reports),
         "backends": [clean(asdict(r)) for r in reports],
+        "reported": {r.name: clean(reported_table(r)) for r in reports},
     }
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
