@@ -29,6 +29,9 @@ __all__ = [
     "paged_attention_reference",
     "merge_attention_states_reference",
     "visible_keys_reference",
+    "mla_attention_reference",
+    "rope_inv_freq_reference",
+    "rope_reference",
 ]
 
 IndexLike = torch.Tensor | Sequence[int]
@@ -286,3 +289,136 @@ def merge_attention_states_reference(
     part_b = torch.where(w_b[..., None] > 0, w_b[..., None] * o_b, torch.zeros_like(o_b))  # [T, H, Dv]
     o = (part_a + part_b) / torch.where(total > 0, total, torch.ones_like(total))[..., None]  # [T, H, Dv]
     return o, lse
+
+
+# ---- MLA (DeepSeek-V2) ----------------------------------------------------------------------------
+
+def mla_attention_reference(
+    q_latent: torch.Tensor,
+    q_rope: torch.Tensor,
+    c_kv_cache: torch.Tensor,
+    k_pe_cache: torch.Tensor,
+    cu_seqlens_q: IndexLike,
+    seq_lens: IndexLike,
+    block_table: torch.Tensor | Sequence[Sequence[int]],
+    *,
+    scale: float,
+    causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed-form MLA over a paged latent cache in float64, as DeepSeek's reference code writes it.
+
+    q_latent [T, H, R] (q_nope with W_UK absorbed), q_rope [T, H, P]; c_kv_cache [num_blocks,
+    block_size, R] (normed latents), k_pe_cache [num_blocks, block_size, P] (rotated RoPE keys);
+    cu_seqlens_q [B+1], seq_lens [B], block_table [B, max_blocks]. Score of query t, head h, key j:
+    ``scale * (q_latent[t, h] . c_kv[j] + q_rope[t, h] . k_pe[j])``; the value of key j is c_kv[j].
+    Bottom-right aligned as paged attention. Returns out float64 [T, H, R], lse float64 [T, H].
+    """
+    block_size = c_kv_cache.shape[1]
+    cu_q = _as_int_list(cu_seqlens_q)  # [B+1]
+    lens = _as_int_list(seq_lens)  # [B]
+    table = [_as_int_list(row) for row in block_table]  # [B][max_blocks]
+    assert len(cu_q) == len(lens) + 1 and len(table) == len(lens)
+    ql, qr = q_latent.to(torch.float64), q_rope.to(torch.float64)  # [T, H, R], [T, H, P]
+    T, H, R = ql.shape
+    out = torch.zeros(T, H, R, dtype=torch.float64, device=ql.device)  # [T, H, R]
+    lse = torch.full((T, H), -math.inf, dtype=torch.float64, device=ql.device)  # [T, H]
+    for b, kv_len in enumerate(lens):
+        q0, q1 = cu_q[b], cu_q[b + 1]
+        if q1 == q0:
+            continue
+        # this sequence's latents and RoPE keys, gathered through its block table
+        blocks = torch.tensor(table[b][: -(-kv_len // block_size)], dtype=torch.int64, device=c_kv_cache.device)
+        c = c_kv_cache[blocks].flatten(0, 1)[:kv_len].to(torch.float64)  # [S, R]
+        k_pe = k_pe_cache[blocks].flatten(0, 1)[:kv_len].to(torch.float64)  # [S, P]
+        # scores: latent part plus decoupled RoPE part, one shared key for every head
+        s = scale * (torch.einsum("qhr,kr->hqk", ql[q0:q1], c)
+                     + torch.einsum("qhp,kp->hqk", qr[q0:q1], k_pe))  # [H, Lq, S]
+        mask = visible_keys_reference(q1 - q0, kv_len, causal=causal, window_left=None).to(s.device)  # [Lq, S]
+        s = s.masked_fill(~mask, -math.inf)
+        # softmax over the keys (a row that sees nothing keeps output 0 and lse -inf)
+        m = s.amax(dim=-1) if kv_len > 0 else s.new_full((H, q1 - q0), -math.inf)  # [H, Lq]
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+        e = torch.exp(s - m[..., None])  # [H, Lq, S]
+        denom = e.sum(dim=-1)  # [H, Lq]
+        lse[q0:q1] = (m + torch.log(denom)).T  # [Lq, H]
+        # the value is the latent itself: out is a weighted sum of c_kv rows
+        num = torch.einsum("hqk,kr->qhr", e, c)  # [Lq, H, R]
+        out[q0:q1] = num / torch.where(denom > 0, denom, torch.ones_like(denom)).T[..., None]
+    return out, lse
+
+
+# ---- RoPE ------------------------------------------------------------------------------------------
+
+def rope_inv_freq_reference(spec: object) -> torch.Tensor:
+    """The frequency of each rotated pair of a ``hal.RopeSpec``, written pair by pair from the papers.
+
+    Plain Python floats (double precision), one formula per scaling; returns float64 [dim/2].
+    """
+    d, b = spec.dim, spec.theta  # type: ignore[attr-defined]
+    s, kind = spec.factor, spec.scaling  # type: ignore[attr-defined]
+    omp = spec.original_max_position  # type: ignore[attr-defined]
+    if kind == "ntk":  # static NTK-aware: stretch the base so the lowest frequency is interpolated by s
+        b = b * s ** (d / (d - 2))
+    out = []
+    for i in range(d // 2):
+        theta_i = b ** (-2 * i / d)  # RoFormer: pair i turns by position * theta_i
+        if kind == "linear":  # position interpolation: every frequency divided by s
+            theta_i = theta_i / s
+        elif kind == "yarn":
+            # YaRN: pairs that turn more than beta_fast times in omp positions keep theta_i, those that
+            # turn fewer than beta_slow times are divided by s, a linear ramp in between
+            def correction_dim(rotations: float) -> float:
+                return d * math.log(omp / (rotations * 2 * math.pi)) / (2 * math.log(b))
+            low = max(math.floor(correction_dim(spec.beta_fast)), 0)  # type: ignore[attr-defined]
+            high = min(math.ceil(correction_dim(spec.beta_slow)), d - 1)  # type: ignore[attr-defined]
+            ramp = min(1.0, max(0.0, (i - low) / ((high - low) or 0.001)))  # 0: keep, 1: divide by s
+            theta_i = theta_i / s * ramp + theta_i * (1 - ramp)
+        elif kind == "llama3":
+            wavelen = 2 * math.pi / theta_i
+            lo, hi = spec.low_freq_factor, spec.high_freq_factor  # type: ignore[attr-defined]
+            if wavelen < omp / hi:  # high frequencies: unchanged
+                pass
+            elif wavelen > omp / lo:  # low frequencies: divided by the factor
+                theta_i = theta_i / s
+            else:  # in between: blend the two
+                smooth = (omp / wavelen - lo) / (hi - lo)
+                theta_i = (1 - smooth) * theta_i / s + smooth * theta_i
+        out.append(theta_i)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def rope_reference(
+    x: torch.Tensor,
+    positions: IndexLike,
+    inv_freq: torch.Tensor,
+    *,
+    style: str,
+    attention_factor: float = 1.0,
+) -> torch.Tensor:
+    """RoPE as complex multiplication, in float64.
+
+    x [T, H, D]; positions [T]; inv_freq [dim/2] (dim <= D: the first dim channels rotate, the rest
+    pass through); style "neox" (pair i is channels i, i + dim/2) or "gptj" (channels 2i, 2i + 1).
+    Each pair, read as a complex number, is multiplied by ``attention_factor * exp(1j * p * inv_freq[i])``.
+    Returns float64 [T, H, D].
+    """
+    x = x.to(torch.float64)  # [T, H, D]
+    half = inv_freq.numel()
+    dim = 2 * half
+    pos = torch.tensor(_as_int_list(positions), dtype=torch.float64, device=x.device)  # [T]
+    # the rotation of each (token, pair), as a unit complex number
+    angle = pos[:, None] * inv_freq.to(torch.float64).to(x.device)[None, :]  # [T, dim/2]
+    turn = attention_factor * torch.polar(torch.ones_like(angle), angle)[:, None, :]  # [T, 1, dim/2]
+    # each pair as (real, imag)
+    if style == "neox":
+        real, imag = x[..., :half], x[..., half:dim]  # [T, H, dim/2] each
+    else:
+        assert style == "gptj"
+        real, imag = x[..., 0:dim:2], x[..., 1:dim:2]
+    z = torch.complex(real, imag) * turn  # [T, H, dim/2]
+    out = x.clone()
+    if style == "neox":
+        out[..., :half], out[..., half:dim] = z.real, z.imag
+    else:
+        out[..., 0:dim:2], out[..., 1:dim:2] = z.real, z.imag
+    return out
