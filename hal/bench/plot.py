@@ -1,0 +1,80 @@
+"""The roofline plot of a benchmark run (``hal bench --plot FILE.png``).
+
+x: arithmetic intensity (FLOP per byte of what the case must read), y: achieved GFLOP/s, both log.
+The roof is drawn from the machine probes of the same run: the copy-bandwidth slope (read bandwidth
+dashed) and the bf16 and fp32 matmul ceilings. Every case is a point per implementation, hal and the
+baselines with different markers, the kinds in different colours. matplotlib is imported here only
+(``pip install 'hal-attention[bench]'``), never by ``import hal``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hal.bench.runner import BenchReport
+
+__all__ = ["plot_roofline"]
+
+_MARKERS = {"hal": "o", "sdpa": "^", "sdpa-packed": "v", "gather+sdpa": "s"}
+_COLORS = {"decode": "tab:blue", "prefill": "tab:orange", "mla": "tab:green"}
+
+
+def _axes(ax: Any, bb: Any) -> None:
+    import numpy as np
+
+    m = bb.machine
+    pts = [(r.intensity, r.tflops * 1e3, c, r) for c in bb.cases for r in c.impls
+           if r.status == "ok" and r.intensity and r.tflops]
+    peak16 = m.matmul_tflops.get("bf16", 0) * 1e3
+    peak32 = m.matmul_tflops.get("fp32", 0) * 1e3
+    top = max([peak16, peak32, 1e-3] + [p[1] for p in pts])
+    ridge = peak16 / m.copy_gbps if m.copy_gbps else 100.0
+    xs = [p[0] for p in pts] + [ridge]
+    x = np.logspace(np.log10(min(xs) / 4), np.log10(max(xs) * 4), 200)
+    ax.plot(x, np.minimum(m.copy_gbps * x, peak16), color="black", lw=2,
+            label=f"roof: copy {m.copy_gbps:.1f} GB/s, bf16 {peak16 / 1e3:.3g} TFLOP/s")
+    ax.plot(x, np.minimum(m.read_gbps * x, peak16), color="gray", ls="--", lw=1,
+            label=f"read {m.read_gbps:.1f} GB/s")
+    ax.axhline(peak32, color="gray", ls=":", lw=1, label=f"fp32 matmul {peak32 / 1e3:.3g} TFLOP/s")
+    seen: set[tuple[str, str]] = set()
+    for xi, yi, c, r in pts:
+        key = (c.kind, r.name)
+        ax.scatter([xi], [yi], marker=_MARKERS.get(r.name, "x"), color=_COLORS.get(c.kind, "tab:red"),
+                   s=60 if r.name == "hal" else 40, alpha=0.9 if r.name == "hal" else 0.6,
+                   edgecolors="black" if r.name == "hal" else "none",
+                   label=f"{c.kind} {r.name}" if key not in seen else None, zorder=3)
+        seen.add(key)
+        if r.name == "hal":
+            ax.annotate(c.label.split(" ", 1)[1], (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    low = min([p[1] for p in pts] + [top]) / 4
+    ax.set_ylim(low, top * 3)
+    ax.set_xlabel("arithmetic intensity (FLOP / byte read)")
+    ax.set_ylabel("achieved GFLOP/s")
+    ax.set_title(f"{bb.name}: {m.cpu_model if m.device_type == 'cpu' else m.device}"
+                 + (" (EMULATED)" if bb.emulated else ""), fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def plot_roofline(report: BenchReport, path: str | Path) -> None:
+    """Write the roofline plot of ``report`` to ``path`` (PNG), one panel per backend that ran."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("hal bench --plot needs matplotlib: pip install 'hal-attention[bench]'") from e
+    ran = [bb for bb in report.backends if bb.available and bb.machine is not None]
+    fig = Figure(figsize=(11 * max(1, len(ran)), 6.5))
+    FigureCanvasAgg(fig)
+    if not ran:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "no backend ran", ha="center", va="center")
+        ax.set_axis_off()
+    for i, bb in enumerate(ran):
+        _axes(fig.add_subplot(1, len(ran), i + 1), bb)
+    fig.suptitle(f"hal bench ({report.sizes.name}), hal {report.hal_version}, {report.date}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=110)

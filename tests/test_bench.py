@@ -1,0 +1,252 @@
+"""hal bench: the byte/FLOP accounting (hand-computed), the case list, and smoke runs at tiny sizes.
+
+Benchmarks are not tests: nothing here asserts how fast anything is, only that the harness runs,
+counts right and writes what it says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hal.bench import TINY, accounting as A
+from hal.bench.cases import QUICK, CaseSpec, case_list
+from hal.bench.machine import MachineInfo, last_level_cache
+from hal.bench.runner import ImplResult, _run_case, metrics, run
+
+
+def _hal(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "HAL_BACKEND"}
+    return subprocess.run([sys.executable, "-m", "hal", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+# ----------------------------------------------------------------------------- accounting, by hand
+
+def test_machine_accounting() -> None:
+    assert A.copy_bytes(A.GiB) == 2 * 1073741824  # read + write
+    assert A.read_bytes(A.GiB) == 1073741824
+    assert A.matmul_flops(2048) == 17179869184  # 2 * 2048^3
+
+
+def test_decode_accounting_llama3_8b() -> None:
+    # 8 KV heads x (128 + 128) values x 2 bytes = 4096 B per token and layer
+    bpt = A.kv_bytes_per_token_layer(8, 128, 128, "auto", 2)
+    assert bpt == 4096
+    assert A.decode_bytes(bpt, 8, 4096) == 134217728  # 128 MiB per layer for batch 8 x 4096
+    # int8: a row of 128 values + one fp16 scale = 130 B; K and V, 8 heads: 2080 B
+    assert A.kv_bytes_per_token_layer(8, 128, 128, "int8", 2) == 2080
+    assert A.kv_bytes_per_token_layer(8, 128, 128, "fp8_e4m3", 2) == 2048
+    # per query head and key: 2*128 (QK) + 2*128 (PV) = 512 FLOPs; x 32 heads x 8 x 4096
+    assert A.decode_flops(8, 4096, 32, 128, 128) == 536870912
+    # bf16 decode intensity: 4 FLOP per byte (4 query heads share each KV head)
+    assert A.decode_flops(1, 1, 32, 128, 128) / bpt == 4.0
+
+
+def test_prefill_accounting() -> None:
+    # 4 * N^2/2 * Hq * D for N = 2048, Hq = 32, D = 128
+    assert A.prefill_flops(2048, 32, 128, 128) == 4 * 2048 ** 2 // 2 * 32 * 128 == 34359738368
+    # q + out: 2 * 2048 * 32 * 128 * 2 B; k + v: 2 * 2048 * 8 * 128 * 2 B
+    assert A.prefill_bytes(2048, 32, 8, 128, 128, 2) == 33554432 + 8388608
+
+
+def test_mla_accounting_deepseek_v2_lite() -> None:
+    row = A.mla_row_bytes(512, 64, "auto", 2)
+    assert row == 1152  # 576 bf16 values, read once for all heads
+    assert A.mla_bytes(row, 1, 4096) == 4718592
+    # 2*16*(512+64) scores + 2*16*512 output = 18432 + 16384
+    assert A.mla_flops_per_token(16, 512, 64) == 34816
+    assert A.mla_flops(2, 10, 16, 512, 64) == 696320
+
+
+def test_layers_for_reaches_the_working_set() -> None:
+    assert A.layers_for(A.GiB, 128 * A.MiB) == 8
+    assert A.layers_for(A.GiB, 129 * A.MiB) == 8  # 8 x 129 MiB > 1 GiB
+    assert A.layers_for(A.GiB, 127 * A.MiB) == 9
+    assert A.layers_for(A.GiB, 4 * A.GiB) == 1
+    assert A.layers_for(A.GiB, 1, max_layers=64) == 64
+
+
+def test_working_set_rule() -> None:
+    full = dataclasses.replace(QUICK, min_working_set=A.GiB, llc_factor=4, max_working_set=None)
+    assert full.working_set(32 * A.MiB) == A.GiB
+    assert full.working_set(300 * A.MiB) == 1200 * A.MiB  # 4 x a 300 MiB L3
+    assert QUICK.working_set(32 * A.MiB) == 256 * A.MiB
+    assert QUICK.working_set(300 * A.MiB) == A.GiB  # capped
+    assert QUICK.working_set(None) == 256 * A.MiB
+
+
+def test_metrics_arithmetic() -> None:
+    m = MachineInfo(device="x", device_type="cpu", cpu_model="x", cores=2, torch_threads=2, torch_version="x",
+                    llc_bytes=None, llc_text="", memory_bytes=None, buffer_bytes=0, copy_gbps=20.0, read_gbps=25.0,
+                    matmul_n=0, matmul_tflops={"bf16": 2.0, "fp32": 0.25})
+    r = metrics(ImplResult("sdpa", layers=4, seconds=[0.2, 0.1, 0.3], bytes=10**9, flops=4 * 10**9), m,
+                hal_per_layer=0.05 / 4)
+    assert r.median_s == 0.2 and r.min_s == 0.1 and r.per_layer_s == 0.05
+    assert r.spread == pytest.approx(1.0)  # (0.3 - 0.1) / 0.2
+    assert r.gbps == pytest.approx(5.0) and r.frac_copy_bw == pytest.approx(0.25)
+    assert r.frac_read_bw == pytest.approx(0.2)
+    assert r.tflops == pytest.approx(0.02) and r.frac_bf16_peak == pytest.approx(0.01)
+    assert r.intensity == 4.0 and r.speedup == pytest.approx(4.0)  # hal 4x faster than this baseline
+
+
+def test_last_level_cache_is_found_or_unknown() -> None:
+    size, text = last_level_cache()
+    assert (size is None and text == "unknown") or (size > 0 and "MiB" in text)
+
+
+# ----------------------------------------------------------------------------- the case list
+
+def test_case_list_takes_declared_kv_dtypes() -> None:
+    labels = [c.label for c in case_list(QUICK, frozenset({"auto"}))]
+    assert labels == ["decode bf16 B8 S4096", "decode bf16 B1 S1024", "prefill bf16 N2048", "mla bf16 B1 S4096"]
+    labels = [c.label for c in case_list(QUICK, frozenset({"auto", "int8", "int4"}))]
+    assert "decode int8 B8 S4096" in labels and not any("int4" in x for x in labels)  # quick: bf16 + int8
+    full = dataclasses.replace(QUICK, decode_kv_dtypes=None)
+    assert "decode int4 B8 S4096" in [c.label for c in case_list(full, frozenset({"auto", "int8", "int4"}))]
+    assert [c.kind for c in case_list(QUICK, frozenset({"auto"}), {"prefill"})] == ["prefill"]
+
+
+def test_case_bytes_and_memory() -> None:
+    c = CaseSpec("decode", 8, 4096)
+    assert c.stored_bytes_per_layer() == 128 * A.MiB
+    assert c.layers(A.GiB) == 8
+    assert c.memory_needed(8) == 8 * 256 * A.MiB + 3 * 128 * A.MiB  # cache + contiguous copy + temporaries
+    q = CaseSpec("decode", 8, 4096, "int8")
+    assert q.stored_bytes_per_layer() == 2080 * 8 * 4096 and q.model_bytes_per_layer() == 128 * A.MiB
+    assert CaseSpec("mla", 1, 4096).stored_bytes_per_layer() == 4718592
+    assert CaseSpec("prefill", 1, 2048).layers(A.GiB) == 1
+
+
+# ----------------------------------------------------------------------------- runs at tiny sizes
+
+def _machine() -> MachineInfo:
+    return MachineInfo(device="x", device_type="cpu", cpu_model="x", cores=2, torch_threads=2, torch_version="x",
+                       llc_bytes=A.MiB // 2, llc_text="", memory_bytes=8 * A.GiB, buffer_bytes=0, copy_gbps=20.0,
+                       read_gbps=25.0, matmul_n=0, matmul_tflops={"bf16": 2.0, "fp32": 0.25})
+
+
+def test_undeclared_case_is_skipped_with_the_capability_reasons() -> None:
+    import hal
+    from hal.backends.cpu import CpuBackend
+
+    caps = hal.get_backend("cpu").capabilities()
+
+    class NoMla(CpuBackend):
+        def capabilities(self):  # type: ignore[no-untyped-def]
+            return dataclasses.replace(caps, features=caps.features - {"mla"})
+
+    res = _run_case(CaseSpec("mla", 1, 128), NoMla(), _machine(), TINY, A.MiB, None, _Quiet())
+    assert res.status == "skip" and "'mla'" in res.reason and not res.impls
+
+
+def test_case_too_big_for_memory_is_skipped_with_the_reason() -> None:
+    import hal
+
+    tiny_memory = dataclasses.replace(TINY, memory_fraction=1e-9)
+    res = _run_case(CaseSpec("decode", 2, 64), hal.get_backend("cpu"), _machine(), tiny_memory, A.MiB, 1, _Quiet())
+    assert res.status == "skip" and "needs" in res.reason and "memory" in res.reason
+
+
+class _Quiet:
+    def stage(self, text: str) -> None:
+        pass
+
+
+def test_run_in_process_reports_every_case_and_baseline() -> None:
+    import io
+
+    from hal.bench.report import format_report
+    from hal.bench.runner import Progress
+
+    stream = io.StringIO()
+    rep = run(["cpu"], sizes=TINY, progress=Progress(stream))
+    (bb,) = rep.backends
+    assert bb.available and bb.machine is not None and bb.machine.copy_gbps > 0
+    assert not bb.errors, [c.reason for c in bb.errors]
+    kinds = {c.kind for c in bb.cases}
+    assert {"decode", "prefill", "mla"} <= kinds
+    for c in bb.cases:
+        if c.status == "skip":
+            assert c.reason
+            continue
+        names = [r.name for r in c.impls]
+        assert names[0] == "hal" and "sdpa" in names
+        if c.kind != "prefill":
+            assert {"sdpa-packed", "gather+sdpa"} <= set(names)
+            assert c.working_set_bytes >= A.MiB and c.exceeds_llc is False  # TINY stays in cache, and says so
+        for r in c.impls:
+            assert r.status == "ok" and len(r.seconds) == TINY.min_reps and r.gbps and r.tflops
+            assert (r.speedup is None) == (r.name == "hal")
+    assert "done in" in stream.getvalue()  # the progress bar, one line per case off a terminal
+    text = format_report(rep)
+    assert "machine: copy" in text and "hal speedup" in text and "bf16 B2 S64" in text
+    json.dumps(rep.to_dict(), default=str)
+
+
+def test_bench_command_quick_writes_json_and_png(tmp_path: Path) -> None:
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "roof.png"
+    proc = _hal("bench", "--quick", "--tiny", "--backend", "cpu", "--json", str(out_json), "--plot", str(out_png))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "hal bench (tiny)" in proc.stdout and "decode: Llama-3-8B" in proc.stdout
+    assert "1/" in proc.stderr and "done in" in proc.stderr  # progress on stderr
+    doc = json.loads(out_json.read_text())
+    assert doc["hal_version"] and doc["sizes"]["name"] == "tiny" and "conventions" in doc
+    cpu = doc["backends"][0]
+    assert cpu["name"] == "cpu" and cpu["machine"]["copy_gbps"] > 0 and cpu["machine"]["matmul_tflops"]["bf16"] > 0
+    assert {c["kind"] for c in cpu["cases"]} == {"decode", "prefill", "mla"}
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_names_an_unavailable_backend_and_fails() -> None:
+    proc = _hal("bench", "--tiny", "--backend", "cuda")
+    assert proc.returncode == 1
+    assert "cuda: not run:" in proc.stdout and "not available" in proc.stderr
+
+
+def test_bench_all_skips_unavailable_backends_with_reasons() -> None:
+    proc = _hal("bench", "--tiny", "--all", "--kind", "prefill")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("cuda", "rocm", "tpu"):
+        assert f"{name}: not run:" in proc.stdout
+    assert "prefill: Llama-3-8B" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [["--backend", "nope"], ["--kind", "train"]])
+def test_bench_rejects_bad_arguments(args: list[str]) -> None:
+    from hal.cli import main
+
+    assert main(["bench", "--tiny", *args]) == 2
+
+
+def test_import_hal_imports_neither_bench_nor_matplotlib() -> None:
+    code = ("import sys, hal, hal.cli; assert 'hal.bench' not in sys.modules; "
+            "import hal.bench; assert 'matplotlib' not in sys.modules, 'matplotlib imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_measure_cuts_layers_of_a_slow_implementation_only() -> None:
+    import time
+
+    from hal.bench.build import Impl
+    from hal.bench.runner import measure
+
+    calls: list[int] = []
+
+    def slow(n: int) -> None:
+        calls.append(n)
+        time.sleep(0.01 * n)
+
+    impls = {"fast": Impl(lambda n: None, lambda: None, 1, 1), "slow": Impl(slow, lambda: None, 1, 1)}
+    sizes = dataclasses.replace(TINY, min_reps=2, max_reps=2, impl_budget_s=0.1)
+    samples, errors, used = measure(impls, 100, lambda: None, sizes)
+    assert not errors and used["fast"] == 100 and 1 <= used["slow"] <= 5  # 0.1 s / (2 rounds x 0.01 s)
+    assert calls[0] == 1 and calls[1:] == [used["slow"]] * 2  # timed on one layer, then the rounds
+    assert [len(v) for v in samples.values()] == [2, 2]
