@@ -10,14 +10,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from hal import models
 from hal.attention import attention, merge_attention_states, mla_attention, paged_attention
 from hal.backend import AttentionParams, Backend, Probe
 from hal.block_manager import BlockManager
 from hal.capabilities import Capabilities
 from hal.errors import BackendUnavailable, HALError, InvalidInput, OutOfBlocks, Unsupported
 from hal.kv_cache import KVCache, KVCacheSpec, MLACacheSpec
+from hal.models import kv_bytes_per_token
 from hal.plan import Plan, plan
 from hal.registry import BackendInfo, get_backend, list_backends, register_backend, use_backend
+from hal.rope import RopeSpec, rope
 
 __version__ = "0.1.0"
 
@@ -25,11 +28,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "reference": "hal.reference",
     "conformance": "hal.conformance",
+    "mla": "hal.mla",
 }
 
 __all__ = [
     "attention", "paged_attention", "mla_attention", "merge_attention_states", "plan", "Plan",
-    "KVCache", "KVCacheSpec", "MLACacheSpec", "BlockManager",
+    "KVCache", "KVCacheSpec", "MLACacheSpec", "BlockManager", "RopeSpec", "rope",
+    "models", "kv_bytes_per_token",
     "get_backend", "list_backends", "use_backend", "register_backend", "Backend", "BackendInfo",
     "Capabilities", "Probe", "AttentionParams",
     "HALError", "BackendUnavailable", "Unsupported", "InvalidInput", "OutOfBlocks",

@@ -110,6 +110,22 @@ def _conformance(args: argparse.Namespace) -> int:
     return 1 if failed or explicit_missing else 0
 
 
+def _capacity(args: argparse.Namespace) -> int:
+    from hal.capacity import capacity, format_report
+    from hal.errors import InvalidInput
+
+    try:
+        report = capacity(args.model, kv_dtype=args.kv_dtype, bits=args.bits, memory=args.memory,
+                          num_gpus=args.gpus, tp=args.tp, context=args.context, weight_dtype=args.weights,
+                          reserve=args.reserve, vs=args.vs, vs_kv_dtype=args.vs_kv_dtype,
+                          vs_weight_dtype=args.vs_weights)
+    except InvalidInput as e:
+        print(f"hal capacity: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hal", description="hal: one attention and KV-cache API across backends")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,9 +141,52 @@ def main(argv: list[str] | None = None) -> int:
     p_conf.add_argument("--family", action="append", metavar="NAME",
                         help="run only these families (repeatable or comma-separated); default: all")
     p_conf.add_argument("--report", metavar="FILE.json", help="also write the results as JSON")
+    p_cap = sub.add_parser("capacity", help="KV bytes per token, and the tokens and sequences that fit "
+                                            "beside the weights (per GPU under tensor parallelism)")
+    p_cap.add_argument("--model", required=True, metavar="NAME",
+                       help="model preset, e.g. deepseek-v2 or llama-3-70b (an unknown name lists them all)")
+    kv = p_cap.add_mutually_exclusive_group()
+    kv.add_argument("--kv-dtype", metavar="X", help="hal KV format: auto (default), bf16, fp16, fp8 (= fp8_e4m3), "
+                                                    "fp8_e5m2, int8, int6, int4; scales included")
+    kv.add_argument("--bits", type=float, metavar="N", help="idealised bits per cached element, no scales "
+                                                            "(the DeepSeek-V2 paper's measure)")
+    p_cap.add_argument("--memory", default="80GiB", metavar="SIZE",
+                       help="memory per GPU: 80GiB (2^30 B), 80GB (1e9 B), ... (default 80GiB)")
+    p_cap.add_argument("--gpus", type=int, default=1, metavar="N", help="number of GPUs (default 1)")
+    p_cap.add_argument("--tp", type=int, default=1, metavar="N",
+                       help="tensor-parallel ranks per replica group (default 1)")
+    p_cap.add_argument("--context", type=int, default=4096, metavar="N", help="tokens per sequence (default 4096)")
+    p_cap.add_argument("--weights", default="bf16", metavar="DTYPE",
+                       help="weight precision: bf16 (default), fp16, fp32, fp8, int8, int4")
+    p_cap.add_argument("--reserve", type=float, default=0.0, metavar="F",
+                       help="fraction of each GPU's memory kept for activations and workspace (default 0)")
+    p_cap.add_argument("--vs", metavar="NAME", help="compare with this preset (same hardware and context)")
+    p_cap.add_argument("--vs-kv-dtype", metavar="X", help="KV format of --vs (default auto: bf16)")
+    p_cap.add_argument("--vs-weights", default="bf16", metavar="DTYPE", help="weight precision of --vs (default bf16)")
+    p_cap.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p_bench = sub.add_parser("bench", help="attention speed against the machine's bandwidth and matmul peak, and "
+                                           "against torch SDPA baselines measured in the same run")
+    who_b = p_bench.add_mutually_exclusive_group()
+    who_b.add_argument("--backend", action="append", metavar="NAME",
+                       help="backend to measure (repeatable, or comma-separated); default: the current selection")
+    who_b.add_argument("--all", action="store_true",
+                       help="every registered backend; unavailable and emulated ones are skipped with their reasons")
+    p_bench.add_argument("--quick", action="store_true",
+                         help="a few small cases (decode 8x4096 and 1x1024, prefill 2048, MLA 1x4096)")
+    p_bench.add_argument("--kind", action="append", metavar="KIND",
+                         help="only these kinds of case (repeatable or comma-separated): decode, prefill, mla")
+    p_bench.add_argument("--json", metavar="FILE", help="write everything measured as JSON")
+    p_bench.add_argument("--plot", metavar="FILE.png", help="write the roofline plot (needs matplotlib)")
+    p_bench.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke tests: tiny sizes
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info(args)
+    if args.command == "capacity":
+        return _capacity(args)
+    if args.command == "bench":
+        from hal.bench.command import command as _bench
+
+        return _bench(args)
     return _conformance(args)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +78,7 @@ def test_conformance_rejects_unknown_names() -> None:
 def test_conformance_progress_goes_to_stderr() -> None:
     res = _run("conformance", "--backend", "cpu", "--family", "batch")
     assert res.returncode == 0
-    assert "[cpu] 1/4 batch/" in res.stderr and "[cpu] 4/4 done" in res.stderr
+    assert re.search(r"\[cpu\] 1/(\d+) batch/", res.stderr) and re.search(r"\[cpu\] (\d+)/\1 done", res.stderr)
     assert "[cpu]" not in res.stdout
 
 

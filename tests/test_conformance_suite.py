@@ -47,7 +47,7 @@ def test_cases_are_unique_leveled_and_cover_every_family() -> None:
     assert {c.level for c in cases} == {"quick", "full"}
     quick = {c.family for c in cases_for_level("quick")}
     assert quick == {c.family for c in cases} == {"dense", "paged", "options", "merge", "gqa", "batch",
-                                                 "kv-cache", "capabilities"}
+                                                 "kv-cache", "capabilities", "mla", "rope", "quant"}
     names = " ".join(c.id for c in cases)
     for model in ("llama-3-8b", "llama-3-70b", "baichuan-7b", "starcoder-mqa"):
         assert model in names

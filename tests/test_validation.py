@@ -161,6 +161,21 @@ class _CpuWithMLA(CpuBackend):
         return dataclasses.replace(caps, features=caps.features | {"mla"})
 
 
+class _CpuAutoOnly(CpuBackend):
+    """The cpu backend declaring only the "auto" KV format, so that a format can be undeclared."""
+
+    def capabilities(self) -> hal.Capabilities:
+        return dataclasses.replace(super().capabilities(), kv_dtypes=frozenset({"auto"}))
+
+
+class _CpuWithoutMLA(CpuBackend):
+    """The cpu backend without 'mla', so that an MLA cache can be undeclared."""
+
+    def capabilities(self) -> hal.Capabilities:
+        caps = super().capabilities()
+        return dataclasses.replace(caps, features=caps.features - {"mla"})
+
+
 def _mla_cache() -> hal.KVCache:
     spec = hal.MLACacheSpec(L, kv_lora_rank=64, rope_dim=32, block_size=BS, dtype="fp32")
     return hal.KVCache(spec, NB, backend=_CpuWithMLA())
@@ -267,11 +282,18 @@ ROWS: list[Row] = [
     Row("cache-backend-unknown", "backend = 'no-such-backend'",
         lambda s: hal.KVCache(_spec(), NB, backend="no-such-backend"),
         IV, r"backend='no-such-backend'.*unknown backend 'no-such-backend'", "hal.KVCache"),
-    Row("cache-fp8-undeclared", "kv_dtype 'fp8_e4m3' (valid, not declared by cpu)",
-        lambda s: hal.KVCache(_spec(kv_dtype="fp8_e4m3"), NB, backend="cpu"),
+    Row("cache-fp8-undeclared", "kv_dtype 'fp8_e4m3' (valid, not declared by the backend)",
+        lambda s: hal.KVCache(_spec(kv_dtype="fp8_e4m3"), NB, backend=_CpuAutoOnly()),
         UN, r"kv_dtype fp8_e4m3 is not declared", "hal.KVCache"),
-    Row("cache-mla-undeclared", "an MLA cache on cpu (valid, 'mla' not declared)",
-        lambda s: hal.KVCache(hal.MLACacheSpec(L, block_size=BS, dtype="fp32"), NB, backend="cpu"),
+    Row("cache-k-scale-shape", "k_scale [num_layers] for an fp8 cache (needs [num_layers, Hkv])",
+        lambda s: hal.KVCache(_spec(kv_dtype="fp8_e4m3"), NB, backend="cpu", k_scale=torch.ones(L)),
+        IV, r"k_scale must be fp32 \[num_layers, Hkv\] = \[2, 2\], got float32 \[2\]", "hal.KVCache"),
+    Row("write-nan-int8", "k holds NaN, written to an int8 cache",
+        lambda s: hal.KVCache(_spec(kv_dtype="int8"), NB, backend="cpu").write(
+            0, _rows(3) * math.nan, _rows(3), _i64(7, 8, 9)),
+        IV, r"k holds NaN or Inf; a int8 cache rejects them", "hal.KVCache.write"),
+    Row("cache-mla-undeclared", "an MLA cache on a backend that does not declare 'mla'",
+        lambda s: hal.KVCache(hal.MLACacheSpec(L, block_size=BS, dtype="fp32"), NB, backend=_CpuWithoutMLA()),
         UN, r"feature 'mla'.*is not declared", "hal.KVCache"),
     # ---- KVCache.write ----
     Row("write-layer", "layer = 2 of 2 layers", lambda s: _write(s, layer=2),

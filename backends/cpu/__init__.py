@@ -1,7 +1,7 @@
 """The cpu backend: PyTorch on the CPU, hal's embedded default.
 
-Kernels in native dtypes with fp32 accumulation (``attention.py``), a token-major paged cache
-read in place (``kv_cache.py``). This file holds the capabilities only.
+Kernels in native dtypes with fp32 accumulation (``attention.py``; absorbed MLA in ``mla.py``), a
+token-major paged cache read in place (``kv_cache.py``). This file holds the capabilities only.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from hal.capabilities import Capabilities
 
 _CAPABILITIES = Capabilities(
     dtypes=frozenset({"fp32", "fp16", "bf16"}),
-    kv_dtypes=frozenset({"auto"}),
+    kv_dtypes=frozenset({"auto", "fp8_e4m3", "fp8_e5m2", "int8", "int6", "int4"}),
     head_dims=frozenset(range(8, 257, 8)) | {512},  # any multiple of 8 up to 256, and 512
     block_sizes=frozenset({1, 2, 4, 8, 16, 32, 64, 128, 256}),
     features=frozenset({"dense", "paged", "causal", "non_causal", "window", "softcap", "alibi", "sinks",
-                        "lse", "gqa", "merge", "copy_blocks", "batch_invariant"}),
+                        "lse", "gqa", "merge", "copy_blocks", "batch_invariant", "mla"}),
     memory=frozenset({"device", "unified"}),  # host memory is the device's memory here
     kv_layout="token-major",
 )
@@ -62,6 +62,12 @@ class CpuBackend(Backend):
         from hal.backends.cpu.attention import paged_attention
 
         return paged_attention(q, storage, layer, plan, params, return_lse)
+
+    def mla_attention(self, q_latent, q_rope, storage, layer, plan, scale, causal,  # type: ignore[no-untyped-def]
+                      return_lse):
+        from hal.backends.cpu.mla import mla_attention
+
+        return mla_attention(q_latent, q_rope, storage, layer, plan, scale, causal, return_lse)
 
     def merge_attention_states(self, o_a, lse_a, o_b, lse_b):  # type: ignore[no-untyped-def]
         from hal.backends.cpu.attention import merge_attention_states

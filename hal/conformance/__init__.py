@@ -6,7 +6,7 @@ in-tree or third-party, is held to (SPEC section 5).
 
 Cases whose requirements a backend does not declare are skipped with the reasons; declared
 ones that do not hold FAIL. Families: dense, paged, options, merge, gqa, batch, kv-cache,
-capabilities.
+quant, capabilities, mla, rope.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ __all__ = ["Case", "CheckFailed", "LEVELS", "all_cases", "cases_for_level"]
 
 def all_cases() -> list[Case]:
     """Every case of every family, in family order."""
-    from hal.conformance import attention_cases, cache_cases, property_cases
+    from hal.conformance import attention_cases, cache_cases, mla_cases, property_cases, quant_cases, rope_cases
 
     cases: list[Case] = []
     for make in (attention_cases.dense_cases, attention_cases.paged_cases, attention_cases.option_cases,
                  property_cases.merge_cases, property_cases.gqa_cases, property_cases.batch_cases,
-                 cache_cases.kv_cache_cases, cache_cases.capability_cases):
+                 cache_cases.kv_cache_cases, quant_cases.quant_cases, cache_cases.capability_cases,
+                 mla_cases.mla_cases, rope_cases.rope_cases):
         cases.extend(make())
     ids = [c.id for c in cases]
     assert len(ids) == len(set(ids)), "conformance case ids must be unique"
