@@ -38,6 +38,8 @@ def _info(args: argparse.Namespace) -> int:
             print(f"  head_dims {', '.join(map(str, sorted(c.head_dims)))}; "
                   f"block_sizes {', '.join(map(str, sorted(c.block_sizes)))}")
             print(f"  features {', '.join(sorted(c.features))}")
+            for note in c.notes:
+                print(f"  {note}")
     if unknown:
         print(f"\nwarning: unknown HAL_* variables set (typos?): {', '.join(unknown)}")
     return 0

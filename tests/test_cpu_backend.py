@@ -123,3 +123,46 @@ def test_native_decode_and_torch_paths_both_match_the_reference(monkeypatch: pyt
         assert torch.allclose(lse.double(), want_lse, atol=1e-4), path
         results[path] = out
     assert (results["native"].double() - results["torch"].double()).abs().max() < tol
+
+
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: "-".join(sorted(o)))
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_native_prefill_and_torch_paths_both_match_the_reference(monkeypatch: pytest.MonkeyPatch, opts: dict,
+                                                                 paged: bool) -> None:
+    prefill = pytest.importorskip("hal.backends.cpu.kernels.flash_prefill")
+    gen = torch.Generator().manual_seed(11)
+    q_lens, kv_lens = [40, 17, 70, 1], [40, 90, 70, 30]  # 1: decode-shaped, beside the long runs
+    bs, hq, hkv, d = 16, 4, 2, 64
+    q = torch.randn(sum(q_lens), hq, d, generator=gen).to(torch.bfloat16)
+    k = torch.randn(sum(kv_lens), hkv, d, generator=gen).to(torch.bfloat16)
+    v = torch.randn(sum(kv_lens), hkv, d, generator=gen).to(torch.bfloat16)
+    cu_q = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + kv_lens).cumsum(0).to(torch.int32)
+    want, want_lse = attention_reference(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **opts)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        if not paged:
+            return hal.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True, **opts)
+        nb = sum(-(-s // bs) for s in kv_lens) + 1
+        cache = hal.KVCache(hal.KVCacheSpec(1, hkv, d, block_size=bs, dtype="bf16"), nb)
+        ids = (torch.randperm(nb - 1, generator=gen) + 1).tolist()
+        table = torch.zeros(len(kv_lens), 8, dtype=torch.int32)
+        for b, s in enumerate(kv_lens):
+            blocks = [ids.pop() for _ in range(-(-s // bs))]
+            table[b, :len(blocks)] = torch.tensor(blocks)
+            slots = torch.tensor(blocks).repeat_interleave(bs)[:s] * bs + torch.arange(s) % bs
+            cache.write(0, k[cu_k[b]:cu_k[b + 1]], v[cu_k[b]:cu_k[b + 1]], slots)
+        plan = hal.plan(cu_q, torch.tensor(kv_lens, dtype=torch.int32), table, cache)
+        return hal.paged_attention(q, cache, 0, plan, return_lse=True, **opts)
+
+    results = {}
+    for path in ("native", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(prefill, "applies", lambda *a: False)
+        elif not prefill.applies(torch.bfloat16, hq, hkv, d, d):
+            pytest.skip("native prefill unavailable on this CPU: " + hal.backends.cpu.kernels.status("flash_prefill"))
+        out, lse = run()
+        assert (out.double() - want).abs().max() < 3e-2, path
+        assert torch.allclose(lse.double(), want_lse, atol=1e-4), path
+        results[path] = out
+    assert (results["native"].double() - results["torch"].double()).abs().max() < 3e-2

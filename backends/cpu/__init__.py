@@ -6,6 +6,7 @@ token-major paged cache read in place (``kv_cache.py``). This file holds the cap
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 from typing import Any
@@ -43,6 +44,9 @@ class CpuBackend(Backend):
 
     name = "cpu"
 
+    def __init__(self) -> None:
+        self._capabilities: Capabilities | None = None
+
     @classmethod
     def probe(cls) -> Probe:
         return Probe(available=True, device=f"{_cpu_name()} ({os.cpu_count()} cores, "
@@ -50,7 +54,15 @@ class CpuBackend(Backend):
                      versions={"torch": torch.__version__, "python": platform.python_version()})
 
     def capabilities(self) -> Capabilities:
-        return _CAPABILITIES
+        if self._capabilities is None:  # first call: build (or load) the native kernels, say which run
+            from hal.backends.cpu import kernels
+
+            status = {name: kernels.status(name) for name in ("paged_decode", "flash_prefill")}
+            if status["flash_prefill"] == "native" and not kernels.load("flash_prefill").hal_flash_prefill_available():
+                status["flash_prefill"] = "built without AVX-512 BF16: bf16 prefill runs in torch"
+            note = "native kernels: " + "; ".join(f"{k} {v}" for k, v in status.items())
+            self._capabilities = dataclasses.replace(_CAPABILITIES, notes=(note,))
+        return self._capabilities
 
     # ops live in attention.py and kv_cache.py; imported on first call
     def attention(self, q, k, v, batch, params, return_lse):  # type: ignore[no-untyped-def]

@@ -17,6 +17,7 @@ import torch
 from hal.backend import AttentionParams
 from hal.plan import Plan, VarlenBatch
 
+from .kernels import flash_prefill as native_prefill
 from .kernels import paged_decode as native_decode
 from .kv_cache import CpuKVStorage
 
@@ -106,9 +107,14 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: V
     out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype)
     lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32) if return_lse else None
     cq, ck = batch.cu_seqlens_q_host, batch.cu_seqlens_k_host
+    native = [False] * batch.num_seqs
+    if native_prefill.applies(q.dtype, q.shape[1], k.shape[1], q.shape[2], v.shape[2]):
+        native = native_prefill.eligible([cq[b + 1] - cq[b] for b in range(batch.num_seqs)])
+        if any(native):
+            native_prefill.dense(q, k, v, batch, p, out, lse, native)
     for b in range(batch.num_seqs):
         q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
-        if q1 == q0:
+        if q1 == q0 or native[b]:
             continue
 
         def fetch(c0: int, c1: int, k0: int = k0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +129,7 @@ def paged_attention(q: torch.Tensor, cache: CpuKVStorage, layer: int, plan: Plan
                     return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q [T, Hq, D] over the blocks of ``layer`` -> out [T, Hq, Dv], lse [T, Hq]. An MLA cache (one
     component, the row [c_kv; k_pe]) serves as MQA whose value is the row's first Dv = R channels.
-    Decode and multi-token decode sequences go to the native kernel when it applies."""
+    Decode-shaped and long query runs go to the native kernels when they apply (per sequence)."""
     bs = cache.block_size
     chunk = max(bs, (KV_CHUNK // bs) * bs)
     out = torch.empty(q.shape[0], q.shape[1], cache.spec.v_head_dim, dtype=q.dtype)
@@ -133,6 +139,12 @@ def paged_attention(q: torch.Tensor, cache: CpuKVStorage, layer: int, plan: Plan
         native = native_decode.eligible(plan, q.shape[1] // cache.num_heads)
         if any(native):
             native_decode.paged_decode(q, cache, layer, plan, p, out, lse, native)
+    if (cache.spec.kv_dtype == "auto" and not cache.spec.is_mla
+            and native_prefill.applies(q.dtype, q.shape[1], cache.num_heads, q.shape[2], cache.dims[1])):
+        long_runs = native_prefill.eligible(plan.q_lens())
+        if any(long_runs):
+            native_prefill.paged(q, cache, layer, plan, p, out, lse, long_runs)
+            native = [a or b for a, b in zip(native, long_runs)]
     cq = plan.cu_seqlens_q_host
     for b, kv_len in enumerate(plan.seq_lens_host):
         q0, q1 = cq[b], cq[b + 1]

@@ -75,7 +75,7 @@ class Batch:
 BATCHES: dict[str, Batch] = {b.name: b for b in (
     # decode, full prefill, chunked prefill, multi-token decode, a 1-token sequence, an idle one,
     # one ending exactly on a 16-block boundary
-    Batch("mixed", ((1, 37), (7, 7), (16, 80), (3, 48), (1, 1), (0, 5), (4, 64))),
+    Batch("mixed", ((1, 37), (7, 7), (24, 80), (3, 48), (1, 1), (0, 5), (4, 64))),
     Batch("decode", ((1, 1), (1, 17), (1, 130), (1, 255), (1, 64))),
     Batch("prefill", ((33, 33), (64, 64), (5, 5))),
     Batch("long", ((1, 700), (48, 520), (130, 130), (2, 1025))),
