@@ -25,6 +25,7 @@ from hal.backend import AttentionParams
 from hal.plan import Plan
 
 from .attention import paged_attention
+from .kernels import paged_decode as native_decode
 from .kv_cache import CpuKVStorage
 
 
@@ -37,7 +38,8 @@ def mla_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, cache: CpuKVStor
 
 @contextmanager
 def count_fetched_bytes(cache: CpuKVStorage) -> Iterator[dict[str, int]]:
-    """Count what attention reads from ``cache`` while the block runs (for tests and ``hal bench``).
+    """Count what attention reads from ``cache`` while the block runs (for tests and ``hal bench``),
+    whichever path runs: the tiled torch kernel's fetches, or the rows the native decode kernel loads.
 
     Yields a dict whose ``"bytes"`` is the stored bytes of every token fetched (row bytes, scales
     included, per fetched token), ``"tokens"`` the number of token rows fetched and ``"calls"`` the
@@ -56,6 +58,9 @@ def count_fetched_bytes(cache: CpuKVStorage) -> Iterator[dict[str, int]]:
 
     cache.fetch = counting_fetch  # type: ignore[method-assign]
     try:
-        yield counts
+        with native_decode.count_rows() as native:  # rows the native decode kernel loads
+            yield counts
     finally:
         del cache.fetch  # back to the class's method
+    counts["tokens"] += native["rows"]
+    counts["bytes"] += native["rows"] * row_bytes

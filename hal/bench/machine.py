@@ -1,7 +1,7 @@
 """What the machine can do, measured in the same process as the cases: the roofline's two lines.
 
 - copy bandwidth: best of N ``dst.copy_(src)`` over buffers well above the last-level cache,
-  counting read + write (``2 x`` the buffer per copy; see ``hal.bench.accounting``);
+  counting the bytes copied (STREAM counts read + write, twice this; see ``hal.bench.accounting``);
 - read bandwidth: best of N reductions over the same buffer, counting the bytes read (decode
   attention mostly reads); the best of two reductions, so that a reduction that is compute-bound
   on some CPU does not pass for the memory's limit;
@@ -47,7 +47,7 @@ class MachineInfo:
     llc_text: str  # how it was found, e.g. "32 MiB (1 x 32 MiB, /sys)"
     memory_bytes: int | None  # RAM (cpu) or device memory
     buffer_bytes: int  # size of each probe buffer
-    copy_gbps: float  # best of N, read + write counted
+    copy_gbps: float  # best of N, bytes copied per second
     read_gbps: float  # best of N reductions, bytes read
     matmul_n: int
     matmul_tflops: dict[str, float] = field(default_factory=dict)  # "bf16", "fp32": best of N

@@ -57,7 +57,7 @@ def _machine_lines(bb: BackendBench, report: BenchReport) -> list[str]:
     assert m is not None
     host = "" if m.device_type == "cpu" else f"; host cpu {m.cpu_model}, {m.cores} cores"
     out = [f"  device:  {bb.device or m.device}{host}; torch {m.torch_version}" + ("; EMULATED" if bb.emulated else "")]
-    out.append(f"  machine: copy {m.copy_gbps:.1f} GB/s (read+write counted), read {m.read_gbps:.1f} GB/s, "
+    out.append(f"  machine: copy {m.copy_gbps:.1f} GB/s (bytes copied per second; STREAM would print 2x), read {m.read_gbps:.1f} GB/s, "
                f"{_size(m.buffer_bytes)} buffers; matmul n={m.matmul_n}: bf16 {m.matmul_tflops.get('bf16', 0):.3g} "
                f"TFLOP/s, fp32 {m.matmul_tflops.get('fp32', 0):.3g} TFLOP/s (best of {len(m.samples.get('copy', []))})")
     ridge = {k: v * 1e3 / m.copy_gbps for k, v in m.matmul_tflops.items()} if m.copy_gbps else {}
@@ -163,7 +163,7 @@ def format_report(report: BenchReport) -> str:
 def write_json(path: str | Path, report: BenchReport) -> None:
     doc: dict[str, Any] = report.to_dict()
     doc["conventions"] = {
-        "copy_gbps": "2 x buffer bytes per dst.copy_(src) (read + write), best of N",
+        "copy_gbps": "buffer bytes per dst.copy_(src) per second (bytes copied; STREAM counts 2x), best of N",
         "read_gbps": "buffer bytes per reduction, best of N over fp32 sum and int32 amax",
         "matmul_tflops": "2 n^3 per square matmul, best of N",
         "decode_bytes": "KV bytes as stored (kv_dtype, scales included) of every cached token, per layer",

@@ -9,7 +9,9 @@
  * Everything accumulates in fp32 whatever the storage dtype.
  *
  * Storage formats decoded here (hal/kv_formats.py is the contract): FMT_F32 / FMT_F16 / FMT_BF16
- * (the "auto" rows of the model dtype). Built with -march=native on the machine that runs it:
+ * (the "auto" rows of the model dtype). An MLA cache is MQA over one row per token, [c_kv; k_pe]:
+ * the caller passes the same rows as K and V with Dv = kv_lora_rank, so V is the row's first Dv
+ * channels and each row is read once for every head (absorbed MLA, FlashMLA's "MQA mode"). Built with -march=native on the machine that runs it:
  * the AVX-512 path when the compiler targets it, plain C loops otherwise.
  */
 #include <math.h>
@@ -24,7 +26,7 @@
 #endif
 
 enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2 };
-enum { TILE = 16, MAX_ROWS = 256, MAX_DIM = 1024 };
+enum { TILE = 16, MAX_ROWS = 256, MAX_DIM = 1024, SPLIT = 512 };  /* SPLIT: keys per split, a multiple of TILE */
 
 typedef struct {
     const void *q;           /* [T, Hq, D] in the model dtype */
@@ -41,6 +43,7 @@ typedef struct {
     int64_t k_width, v_width; /* bytes per row */
     float scale, softcap;    /* softcap 0 = none */
     int causal, window;      /* window < 0 = none */
+    int64_t *rows_read;      /* NULL, or incremented by the number of K rows each work item loads */
 } decode_args;
 
 /* ---- element conversions ------------------------------------------------------------------ */
@@ -154,6 +157,7 @@ static void decode_item(const decode_args *a, int b, int h, float *ws) {
     const int64_t kb = (int64_t)a->bs * a->Hkv * a->k_width, vb = (int64_t)a->bs * a->Hkv * a->v_width;
     for (int j0 = lo; j0 < hi; j0 += TILE) {
         int n = hi - j0 < TILE ? hi - j0 : TILE;
+        if (a->rows_read) __atomic_fetch_add(a->rows_read, (int64_t)n, __ATOMIC_RELAXED);
         for (int i = 0; i < n; i++) {    /* gather and decode the tile's key and value rows */
             int j = j0 + i;
             int64_t blk = table[j / a->bs], off = (int64_t)(j % a->bs) * a->Hkv + h;
@@ -232,11 +236,14 @@ static inline __m512 bf16x16_to_f32(const uint8_t *p) {
 
 static int fast_path_applies(const decode_args *a) {
     return a->dtype == FMT_BF16 && a->kfmt == FMT_BF16 && a->vfmt == FMT_BF16 && a->D % 32 == 0 && a->Dv % 64 == 0
-           && a->k_width == 2 * a->D && a->v_width == 2 * a->Dv;
+           && a->k_width == 2 * a->D && a->v_width >= 2 * a->Dv;  /* MLA: V is the first Dv channels of K's row */
 }
 
 /* one sequence b, KV heads [h0, h1): all rows of those heads, one pass over their tokens */
-static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float *ws) {
+/* Keys [split * SPLIT, (split + 1) * SPLIT) of sequence b for KV heads [h0, h1). With partial == NULL
+ * the item covers the whole sequence and stores the output; otherwise it stores its unnormalized
+ * accumulator, running max and denominator there ([NH][R][Dv + 2]) for merge_splits(). */
+static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float *ws, int split, float *partial) {
     const int G = a->Hq / a->Hkv, q0 = a->cu_q[b], ql = a->cu_q[b + 1] - q0, S = a->seq_lens[b];
     const int R = ql * G, R4 = (R + 3) & ~3, D = a->D, Dv = a->Dv, NH = h1 - h0;
     /* workspace per head: q bf16 [R4, D] | acc [R4, Dv] | m, l [R4] | s [R4, TILE] (scores, then p) */
@@ -254,14 +261,14 @@ static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float 
         }
         for (int r = 0; r < R4; r++) {
             int hq = h * G + (r % G);
-            m[r] = (r < R && a->sinks) ? a->sinks[hq] : -INFINITY;
-            l[r] = (r < R && a->sinks) ? 1.f : 0.f;
+            m[r] = (r < R && a->sinks && split == 0) ? a->sinks[hq] : -INFINITY;  /* the sink counts once */
+            l[r] = (r < R && a->sinks && split == 0) ? 1.f : 0.f;
         }
         memset(acc, 0, sizeof(float) * (size_t)R4 * Dv);
     }
-    const int last_pos = S - 1;
-    int hi = a->causal ? (last_pos + 1 < S ? last_pos + 1 : S) : S;
+    int hi = S < (split + 1) * SPLIT ? S : (split + 1) * SPLIT;
     int lo = a->window >= 0 ? (pos_first - a->window > 0 ? pos_first - a->window : 0) : 0;
+    if (lo < split * SPLIT) lo = split * SPLIT;
     const int32_t *table = a->block_table + (int64_t)b * a->bt_stride;
     const int64_t kb = (int64_t)a->bs * a->Hkv * a->k_width, vb = (int64_t)a->bs * a->Hkv * a->v_width;
     const int64_t kt = (int64_t)a->Hkv * a->k_width, vt = (int64_t)a->Hkv * a->v_width;
@@ -270,6 +277,7 @@ static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float 
     const uint8_t *krow[TILE], *vrow[TILE];
     for (int j0 = lo; j0 < hi; j0 += TILE) {
         const int n = hi - j0 < TILE ? hi - j0 : TILE;
+        if (a->rows_read) __atomic_fetch_add(a->rows_read, (int64_t)n * NH, __ATOMIC_RELAXED);
         for (int i = 0; i < n; i++) {
             int j = j0 + i;
             int64_t blk = table[j / a->bs], off = j % a->bs;
@@ -377,6 +385,15 @@ static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float 
         const int h = h0 + hh;
         float *base = ws + hh * per_head;
         float *acc = base + (size_t)R4 * D / 2, *m = acc + (size_t)R4 * Dv, *l = m + R4;
+        if (partial) {
+            for (int r = 0; r < R; r++) {
+                float *dst = partial + ((size_t)hh * R + r) * (Dv + 2);
+                memcpy(dst, acc + (size_t)r * Dv, sizeof(float) * Dv);
+                dst[Dv] = m[r];
+                dst[Dv + 1] = l[r];
+            }
+            continue;
+        }
         for (int r = 0; r < R; r++) {
             int t = r / G, hq = h * G + r % G;
             float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
@@ -385,6 +402,34 @@ static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float 
             if (a->lse) a->lse[(size_t)(q0 + t) * a->Hq + hq] = l[r] > 0.f ? m[r] + logf(l[r]) : -INFINITY;
         }
     }
+}
+
+/* Combine the splits of (sequence b, heads [h0, h1)) in split order (exact LSE merge, fixed order so
+ * the result does not depend on the batch) and store the output. */
+static void merge_splits(const decode_args *a, int b, int h0, int h1, int nsplit, const float *partial) {
+    const int G = a->Hq / a->Hkv, q0 = a->cu_q[b], R = (a->cu_q[b + 1] - q0) * G, Dv = a->Dv, NH = h1 - h0;
+    float o[MAX_DIM];
+    for (int hh = 0; hh < NH; hh++)
+        for (int r = 0; r < R; r++) {
+            float M = -INFINITY, L = 0.f;
+            for (int sp = 0; sp < nsplit; sp++) {
+                float ms = partial[(((size_t)sp * NH + hh) * R + r) * (Dv + 2) + Dv];
+                M = ms > M ? ms : M;
+            }
+            memset(o, 0, sizeof(float) * Dv);
+            if (M != -INFINITY)
+                for (int sp = 0; sp < nsplit; sp++) {
+                    const float *src = partial + (((size_t)sp * NH + hh) * R + r) * (Dv + 2);
+                    if (src[Dv] == -INFINITY) continue;
+                    float wgt = expf(src[Dv] - M);
+                    L += src[Dv + 1] * wgt;
+                    axpy(o, wgt, src, Dv);
+                }
+            int t = r / G, hq = (h0 + hh) * G + r % G;
+            scal(o, L > 0.f ? 1.f / L : 0.f, Dv);
+            store_row((uint16_t *)a->out + ((size_t)(q0 + t) * a->Hq + hq) * Dv, o, a->dtype, Dv);
+            if (a->lse) a->lse[(size_t)(q0 + t) * a->Hq + hq] = L > 0.f ? M + logf(L) : -INFINITY;
+        }
 }
 #endif
 
@@ -401,11 +446,25 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
     const int R4 = (max_rows + 3) & ~3;
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
     if (fast_path_applies(a)) {
-        /* items: (sequence, group of KV heads); a group reads its heads' rows of a token together */
+        /* items: (sequence, group of KV heads, split of SPLIT keys). Head groups spread a small batch over
+         * the threads; splits (always SPLIT keys, whatever the batch, then merged in order) spread a long
+         * sequence over them: a sequence's arithmetic never depends on the rest of the batch. */
         int groups = (2 * num_threads + a->B - 1) / a->B;
         groups = groups < 1 ? 1 : (groups > a->Hkv ? a->Hkv : groups);
         while (a->Hkv % groups) groups++;
-        const int hpg = a->Hkv / groups, items = a->B * groups;
+        const int hpg = a->Hkv / groups;
+        int *first = (int *)malloc(sizeof(int) * (size_t)(a->B + 1));   /* first item of each sequence */
+        int64_t *poff = (int64_t *)malloc(sizeof(int64_t) * (size_t)(a->B + 1)); /* its partial buffer */
+        first[0] = 0; poff[0] = 0;
+        for (int b = 0; b < a->B; b++) {
+            int ql = a->cu_q[b + 1] - a->cu_q[b], ns = (a->seq_lens[b] + SPLIT - 1) / SPLIT;
+            int on = a->active[b] && ql > 0;
+            ns = ns < 1 ? 1 : ns;
+            first[b + 1] = first[b] + (on ? groups * ns : 0);
+            poff[b + 1] = poff[b] + (on && ns > 1 ? (int64_t)groups * ns * hpg * ql * G * (a->Dv + 2) : 0);
+        }
+        const int items = first[a->B];
+        float *partials = poff[a->B] ? (float *)malloc(sizeof(float) * (size_t)poff[a->B]) : NULL;
         const size_t per_head = (size_t)R4 * a->D / 2 + (size_t)R4 * a->Dv + 2 * (size_t)R4 + (size_t)R4 * TILE;
         const size_t bytes = (per_head * hpg * sizeof(float) + 4095) / 64 * 64;
 #ifdef _OPENMP
@@ -417,11 +476,27 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
             #pragma omp for schedule(dynamic, 1)
 #endif
             for (int it = 0; it < items; it++) {
-                int b = it / groups, g = it % groups;
-                if (a->active[b] && a->cu_q[b + 1] > a->cu_q[b]) decode_item_bf16(a, b, g * hpg, (g + 1) * hpg, ws);
+                int b = 0;
+                while (first[b + 1] <= it) b++;
+                const int ns = (a->seq_lens[b] + SPLIT - 1) / SPLIT > 1 ? (a->seq_lens[b] + SPLIT - 1) / SPLIT : 1;
+                const int k = it - first[b], g = k / ns, sp = k % ns;
+                const int R = (a->cu_q[b + 1] - a->cu_q[b]) * G;
+                float *part = ns > 1 ? partials + poff[b] + ((int64_t)g * ns + sp) * hpg * R * (a->Dv + 2) : NULL;
+                decode_item_bf16(a, b, g * hpg, (g + 1) * hpg, ws, sp, part);
             }
             free(ws);
+#ifdef _OPENMP
+            #pragma omp for schedule(dynamic, 1)
+#endif
+            for (int it = 0; it < a->B * groups; it++) {
+                const int b = it / groups, g = it % groups;
+                const int ns = (a->seq_lens[b] + SPLIT - 1) / SPLIT;
+                if (first[b + 1] == first[b] || ns <= 1) continue;
+                const int R = (a->cu_q[b + 1] - a->cu_q[b]) * G;
+                merge_splits(a, b, g * hpg, (g + 1) * hpg, ns, partials + poff[b] + (int64_t)g * ns * hpg * R * (a->Dv + 2));
+            }
         }
+        free(partials); free(first); free(poff);
         return 0;
     }
 #endif

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -28,7 +30,7 @@ class _Args(ctypes.Structure):
         ("dtype", ctypes.c_int), ("kfmt", ctypes.c_int), ("vfmt", ctypes.c_int),
         ("k_width", ctypes.c_int64), ("v_width", ctypes.c_int64),
         ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
-        ("causal", ctypes.c_int), ("window", ctypes.c_int),
+        ("causal", ctypes.c_int), ("window", ctypes.c_int), ("rows_read", ctypes.c_void_p),
     ]
 
 
@@ -36,10 +38,28 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+_counters: list[torch.Tensor] = []  # active count_rows() blocks
+
+
+@contextmanager
+def count_rows() -> Iterator[dict[str, int]]:
+    """Count the K rows the kernel loads while the block runs (one row = one token of one KV head):
+    ``{"rows": n}``. For tests and ``hal bench``: it shows a row is read once, not once per query head."""
+    counter = torch.zeros(1, dtype=torch.int64)
+    _counters.append(counter)
+    counts = {"rows": 0}
+    try:
+        yield counts
+    finally:
+        _counters.remove(counter)
+        counts["rows"] = int(counter[0])
+
+
 def applies(storage: object, q: torch.Tensor) -> bool:
-    """Whether the native kernel can serve this cache at all (auto rows of q's dtype, compiled)."""
+    """Whether the native kernel can serve this cache at all (auto rows of q's dtype, compiled).
+    An MLA cache is MQA over its [c_kv; k_pe] rows whose value is their first kv_lora_rank channels."""
     spec = storage.spec  # type: ignore[attr-defined]
-    return (spec.kv_dtype == "auto" and not spec.is_mla and q.dtype in _FMT and spec.head_dim <= MAX_DIM
+    return (spec.kv_dtype == "auto" and q.dtype in _FMT and spec.head_dim <= MAX_DIM
             and spec.v_head_dim <= MAX_DIM and load("paged_decode") is not None)
 
 
@@ -53,9 +73,10 @@ def paged_decode(q: torch.Tensor, storage: object, layer: int, plan: Plan, p: At
                  out: torch.Tensor, lse: torch.Tensor | None, active: list[bool]) -> None:
     """Write out [T, Hq, Dv] (and lse [T, Hq]) rows of the ``active`` sequences."""
     lib = load("paged_decode")
-    k_rows, v_rows = storage.rows[0][layer], storage.rows[1][layer]  # type: ignore[attr-defined]
+    rows = storage.rows  # type: ignore[attr-defined]
+    k_rows, v_rows = rows[0][layer], rows[-1][layer]  # MLA: one component, K and V share the rows
     hq, d = q.shape[1], q.shape[2]
-    hkv, dv = k_rows.shape[2], storage.dims[1]  # type: ignore[attr-defined]
+    hkv, dv = k_rows.shape[2], storage.spec.v_head_dim  # type: ignore[attr-defined]
     q = q.contiguous()
     table = plan.block_table_host
     seq_lens = torch.tensor(plan.seq_lens_host, dtype=torch.int32)
@@ -70,6 +91,7 @@ def paged_decode(q: torch.Tensor, storage: object, layer: int, plan: Plan, p: At
         dtype=_FMT[q.dtype], kfmt=_FMT[k_rows.dtype], vfmt=_FMT[v_rows.dtype],
         k_width=k_rows.shape[-1] * k_rows.element_size(), v_width=v_rows.shape[-1] * v_rows.element_size(),
         scale=p.scale, softcap=p.softcap or 0.0, causal=int(p.causal),
-        window=-1 if p.window_left is None else p.window_left)
+        window=-1 if p.window_left is None else p.window_left,
+        rows_read=_ptr(_counters[-1]) if _counters else None)
     rc = lib.hal_paged_decode(ctypes.byref(args), ctypes.c_int(torch.get_num_threads()))  # type: ignore[union-attr]
     assert rc == 0, "paged_decode.c refused sequences that eligible() accepted"
