@@ -1,4 +1,4 @@
-"""The ``hal`` command: ``hal info`` and ``hal conformance``."""
+"""The ``hal`` command: ``hal info``, ``hal conformance``, ``hal capacity`` and ``hal bench``."""
 
 from __future__ import annotations
 
