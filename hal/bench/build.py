@@ -213,7 +213,18 @@ def _build_mla(c: CaseSpec, backend: Any, device: torch.device, layers: int, gen
                  kv_dtype=c.kv_dtype, dtype=c.dtype, layers=layers, pages="randomly permuted",
                  bytes_per_token_layer=cache.bytes_per_token // layers,
                  flops_per_token=A.mla_flops_per_token(H, R, P))
-    return Setup(impls, layers, shape, plan_s)
+    notes = []
+    if getattr(cache.storage, "fetch", None) is not None and backend.name == "cpu":
+        from hal.backends.cpu.mla import count_fetched_bytes  # counts the torch path's fetches and native rows
+
+        with count_fetched_bytes(cache.storage) as counted:
+            hal_layer(0)
+        per_token = counted["bytes"] / max(1, B * S)
+        notes.append(f"measured in one decode step: {counted['bytes']:,} B read from the cache per layer for "
+                     f"{B} x {S} cached tokens = {per_token:.0f} B per cached token for all {H} heads "
+                     f"(reading it once per head would be {H * counted['bytes']:,} B)")
+        shape["measured_bytes_per_decode_step_layer"] = counted["bytes"]
+    return Setup(impls, layers, shape, plan_s, notes)
 
 
 def build(c: CaseSpec, backend: Any, device: torch.device, layers: int, seed: int = 0) -> Setup:

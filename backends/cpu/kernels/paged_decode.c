@@ -9,7 +9,8 @@
  * Everything accumulates in fp32 whatever the storage dtype.
  *
  * Storage formats decoded here (hal/kv_formats.py is the contract): FMT_F32 / FMT_F16 / FMT_BF16
- * (the "auto" rows of the model dtype). An MLA cache is MQA over one row per token, [c_kv; k_pe]:
+ * (the "auto" rows of the model dtype) everywhere; int8, fp8_e4m3 and fp8_e5m2 rows on the AVX-512
+ * BF16 path (bf16 models), decoded exactly in registers, their scales applied to scores and weights. An MLA cache is MQA over one row per token, [c_kv; k_pe]:
  * the caller passes the same rows as K and V with Dv = kv_lora_rank, so V is the row's first Dv
  * channels and each row is read once for every head (absorbed MLA, FlashMLA's "MQA mode"). Built with -march=native on the machine that runs it:
  * the AVX-512 path when the compiler targets it, plain C loops otherwise.
@@ -25,7 +26,7 @@
 #include <immintrin.h>
 #endif
 
-enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2 };
+enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_INT8 = 3, FMT_E4M3 = 4, FMT_E5M2 = 5 };
 enum { TILE = 16, MAX_ROWS = 256, MAX_DIM = 1024, SPLIT = 512 };  /* SPLIT: keys per split, a multiple of TILE */
 
 typedef struct {
@@ -44,6 +45,7 @@ typedef struct {
     float scale, softcap;    /* softcap 0 = none */
     int causal, window;      /* window < 0 = none */
     int64_t *rows_read;      /* NULL, or incremented by the number of K rows each work item loads */
+    const float *k_scale, *v_scale; /* fp8 rows: the layer's per-KV-head scales [Hkv]; else NULL */
 } decode_args;
 
 /* ---- element conversions ------------------------------------------------------------------ */
@@ -234,9 +236,55 @@ static inline __m512 bf16x16_to_f32(const uint8_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
+/* Quantized rows (hal/kv_formats.py): int8 values then the row's fp16 scale; fp8 bit patterns with a
+ * per-head scale. A value decodes as fp32(q) * scale rounded to bf16, exactly what cache.read returns
+ * (so attention on a quantized cache equals attention on its read-back). e4m3 goes through fp16 (its
+ * 7 magnitude bits shifted into fp16's exponent and mantissa) and comes out 2^-8 too small: its
+ * scale carries the 256. */
+static inline int elem_size(int fmt) { return fmt == FMT_BF16 ? 2 : 1; }
+
+static inline __m512 q16_to_f32(const uint8_t *p, int fmt) {      /* 16 stored values -> fp32, unscaled */
+    if (fmt == FMT_BF16) return bf16x16_to_f32(p);
+    __m128i x = _mm_loadu_si128((const __m128i *)p);
+    if (fmt == FMT_INT8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x));
+    __m256i u = _mm256_cvtepu8_epi16(x);
+    if (fmt == FMT_E5M2) return _mm512_cvtph_ps(_mm256_slli_epi16(u, 8));
+    __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x80)), 8),
+                                _mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x7f)), 7));
+    return _mm512_cvtph_ps(h);
+}
+
+static inline __m512 bf16_round(__m512 x) {                       /* x rounded to bf16, as fp32 */
+    __m256i b = (__m256i)_mm512_cvtneps_pbh(x);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
+static inline __m512 dq16(const uint8_t *p, int fmt, __m512 scale) { /* 16 values decoded as cache.read does */
+    if (fmt == FMT_BF16) return bf16x16_to_f32(p);
+    return bf16_round(_mm512_mul_ps(q16_to_f32(p, fmt), scale));
+}
+
+static inline __m512bh dq32_bf16(const uint8_t *p, int fmt, __m512 scale) { /* 32 decoded values as bf16 */
+    if (fmt == FMT_BF16) return (__m512bh)_mm512_loadu_si512(p);
+    return _mm512_cvtne2ps_pbh(_mm512_mul_ps(q16_to_f32(p + 16, fmt), scale), _mm512_mul_ps(q16_to_f32(p, fmt), scale));
+}
+
+/* the factor a row's decoded values are multiplied by */
+static inline float row_scale(const uint8_t *row, int64_t width, int fmt, const float *head_scale, int h) {
+    if (fmt == FMT_INT8) { uint16_t sc; memcpy(&sc, row + width - 2, 2); return f16_to_f32(sc); }
+    if (fmt == FMT_E4M3) return head_scale[h] * 256.f;
+    if (fmt == FMT_E5M2) return head_scale[h];
+    return 1.f;
+}
+
 static int fast_path_applies(const decode_args *a) {
-    return a->dtype == FMT_BF16 && a->kfmt == FMT_BF16 && a->vfmt == FMT_BF16 && a->D % 32 == 0 && a->Dv % 64 == 0
-           && a->k_width == 2 * a->D && a->v_width >= 2 * a->Dv;  /* MLA: V is the first Dv channels of K's row */
+    const int kf = a->kfmt, vf = a->vfmt;
+    const int ok_k = kf == FMT_BF16 || kf == FMT_INT8 || kf == FMT_E4M3 || kf == FMT_E5M2;
+    const int ok_v = vf == FMT_BF16 || vf == FMT_INT8 || vf == FMT_E4M3 || vf == FMT_E5M2;
+    const int64_t k_bytes = (int64_t)a->D * elem_size(kf) + (kf == FMT_INT8 ? 2 : 0);
+    return a->dtype == FMT_BF16 && ok_k && ok_v && a->D % 32 == 0 && a->Dv % 64 == 0 && a->k_width == k_bytes
+           && a->v_width >= (int64_t)a->Dv * elem_size(vf)  /* MLA: V is the first Dv channels of K's row */
+           && ((kf != FMT_E4M3 && kf != FMT_E5M2) || a->k_scale) && ((vf != FMT_E4M3 && vf != FMT_E5M2) || a->v_scale);
 }
 
 /* one sequence b, KV heads [h0, h1): all rows of those heads, one pass over their tokens */
@@ -303,10 +351,12 @@ static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float 
             /* scores s[r][i] = scale * q_r . k_i, four rows at a time */
             for (int i = 0; i < n; i++) {
                 const uint8_t *kp = krow[i] + (int64_t)h * a->k_width;
+                const __m512 ks = _mm512_set1_ps(row_scale(kp, a->k_width, a->kfmt, a->k_scale, h));
+                const int kes = elem_size(a->kfmt);
                 for (int r = 0; r < R4; r += 4) {
                     __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
                     for (int d = 0; d < D; d += 32) {
-                        __m512bh kv = (__m512bh)_mm512_loadu_si512(kp + 2 * d);
+                        __m512bh kv = dq32_bf16(kp + kes * d, a->kfmt, ks);
                         c0 = _mm512_dpbf16_ps(c0, (__m512bh)_mm512_loadu_si512(qb + (size_t)(r + 0) * D + d), kv);
                         c1 = _mm512_dpbf16_ps(c1, (__m512bh)_mm512_loadu_si512(qb + (size_t)(r + 1) * D + d), kv);
                         c2 = _mm512_dpbf16_ps(c2, (__m512bh)_mm512_loadu_si512(qb + (size_t)(r + 2) * D + d), kv);
@@ -321,6 +371,11 @@ static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float 
                     s[(size_t)(r + 3) * TILE + i] = tmp[3];
                 }
             }
+            float vsc[TILE] = {0};           /* each row's V scale (1 for bf16) */
+            if (a->vfmt == FMT_BF16)
+                for (int i = 0; i < n; i++) vsc[i] = 1.f;
+            else
+                for (int i = 0; i < n; i++) vsc[i] = row_scale(vrow[i] + (int64_t)h * a->v_width, a->v_width, a->vfmt, a->v_scale, h);
             /* softmax update per row over the tile */
             const __mmask16 valid = (__mmask16)((1u << n) - 1u);
             const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(j0), lane);
@@ -362,8 +417,11 @@ static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float 
                     __m512 x20 = _mm512_loadu_ps(a2), x21 = _mm512_loadu_ps(a2 + 16), x22 = _mm512_loadu_ps(a2 + 32), x23 = _mm512_loadu_ps(a2 + 48);
                     __m512 x30 = _mm512_loadu_ps(a3), x31 = _mm512_loadu_ps(a3 + 16), x32 = _mm512_loadu_ps(a3 + 32), x33 = _mm512_loadu_ps(a3 + 48);
                     for (int i = 0; i < n; i++) {
-                        const uint8_t *vp = vrow[i] + (int64_t)h * a->v_width + 2 * d;
-                        __m512 v0 = bf16x16_to_f32(vp), v1 = bf16x16_to_f32(vp + 32), v2 = bf16x16_to_f32(vp + 64), v3 = bf16x16_to_f32(vp + 96);
+                        const int ves = elem_size(a->vfmt);
+                        const uint8_t *vp = vrow[i] + (int64_t)h * a->v_width + ves * d;
+                        const __m512 vs = _mm512_set1_ps(vsc[i]);
+                        __m512 v0 = dq16(vp, a->vfmt, vs), v1 = dq16(vp + 16 * ves, a->vfmt, vs);
+                        __m512 v2 = dq16(vp + 32 * ves, a->vfmt, vs), v3 = dq16(vp + 48 * ves, a->vfmt, vs);
                         __m512 w = _mm512_set1_ps(p0[i]);
                         x00 = _mm512_fmadd_ps(w, v0, x00); x01 = _mm512_fmadd_ps(w, v1, x01); x02 = _mm512_fmadd_ps(w, v2, x02); x03 = _mm512_fmadd_ps(w, v3, x03);
                         w = _mm512_set1_ps(p1[i]);
@@ -433,6 +491,18 @@ static void merge_splits(const decode_args *a, int b, int h0, int h1, int nsplit
 }
 #endif
 
+/* Whether hal_paged_decode handles these formats and head dims here: auto rows always; quantized rows
+ * only on the AVX-512 BF16 path (bf16 model, D % 32 == 0, Dv % 64 == 0). */
+int hal_decode_supports(int dtype, int kfmt, int vfmt, int D, int Dv) {
+    if (kfmt <= FMT_BF16 && vfmt <= FMT_BF16) return 1;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    return dtype == FMT_BF16 && kfmt > FMT_BF16 && vfmt > FMT_BF16 && D % 32 == 0 && Dv % 64 == 0;
+#else
+    (void)dtype; (void)D; (void)Dv;
+    return 0;
+#endif
+}
+
 /* Computes the active sequences; returns 0, or 1 (and computes nothing) when an active sequence has more
  * than MAX_ROWS rows or a head dim exceeds MAX_DIM: the caller must not mark such sequences active. */
 int hal_paged_decode(const decode_args *a, int num_threads) {
@@ -500,6 +570,7 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
         return 0;
     }
 #endif
+    if (a->kfmt > FMT_BF16 || a->vfmt > FMT_BF16) return 1;  /* quantized rows need the path above */
     const size_t ws_floats = (size_t)max_rows * (a->D + a->Dv + 2 + TILE) + (size_t)TILE * (a->D + a->Dv) + max_rows + 64;
     const int items = a->B * a->Hkv;
 #ifdef _OPENMP

@@ -14,6 +14,7 @@ from hal.plan import Plan
 from . import load
 
 _FMT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_KV_FMT = {"int8": 3, "fp8_e4m3": 4, "fp8_e5m2": 5}  # quantized rows the kernel decodes (hal/kv_formats.py)
 MAX_Q_LEN = 16  # longer query runs (prefill chunks) go to the tiled torch kernel
 MAX_ROWS, MAX_DIM = 256, 1024  # as in paged_decode.c
 
@@ -31,6 +32,7 @@ class _Args(ctypes.Structure):
         ("k_width", ctypes.c_int64), ("v_width", ctypes.c_int64),
         ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
         ("causal", ctypes.c_int), ("window", ctypes.c_int), ("rows_read", ctypes.c_void_p),
+        ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p),
     ]
 
 
@@ -55,12 +57,21 @@ def count_rows() -> Iterator[dict[str, int]]:
         counts["rows"] = int(counter[0])
 
 
+def _row_format(spec: object, q: torch.Tensor) -> int | None:
+    kv = spec.kv_dtype  # type: ignore[attr-defined]
+    return _FMT.get(q.dtype) if kv == "auto" else _KV_FMT.get(kv)
+
+
 def applies(storage: object, q: torch.Tensor) -> bool:
-    """Whether the native kernel can serve this cache at all (auto rows of q's dtype, compiled).
-    An MLA cache is MQA over its [c_kv; k_pe] rows whose value is their first kv_lora_rank channels."""
+    """Whether the native kernel serves this cache: auto rows of q's dtype, or int8/fp8 rows with a bf16
+    model (the AVX-512 BF16 build). An MLA cache is MQA over its [c_kv; k_pe] rows whose value is their
+    first kv_lora_rank channels."""
     spec = storage.spec  # type: ignore[attr-defined]
-    return (spec.kv_dtype == "auto" and q.dtype in _FMT and spec.head_dim <= MAX_DIM
-            and spec.v_head_dim <= MAX_DIM and load("paged_decode") is not None)
+    fmt = _row_format(spec, q)
+    if fmt is None or q.dtype not in _FMT or spec.head_dim > MAX_DIM or spec.v_head_dim > MAX_DIM:
+        return False
+    lib = load("paged_decode")
+    return lib is not None and bool(lib.hal_decode_supports(_FMT[q.dtype], fmt, fmt, spec.head_dim, spec.v_head_dim))
 
 
 def eligible(plan: Plan, group: int) -> list[bool]:
@@ -78,6 +89,10 @@ def paged_decode(q: torch.Tensor, storage: object, layer: int, plan: Plan, p: At
     hq, d = q.shape[1], q.shape[2]
     hkv, dv = k_rows.shape[2], storage.spec.v_head_dim  # type: ignore[attr-defined]
     q = q.contiguous()
+    fmt = _row_format(storage.spec, q)  # type: ignore[attr-defined]
+    scales = storage.scales  # type: ignore[attr-defined]
+    k_scale = None if scales is None else scales[0][layer].contiguous()
+    v_scale = None if scales is None else scales[-1][layer].contiguous()
     table = plan.block_table_host
     seq_lens = torch.tensor(plan.seq_lens_host, dtype=torch.int32)
     cu_q = torch.tensor(plan.cu_seqlens_q_host, dtype=torch.int32)
@@ -88,10 +103,11 @@ def paged_decode(q: torch.Tensor, storage: object, layer: int, plan: Plan, p: At
         q=_ptr(q), k=_ptr(k_rows), v=_ptr(v_rows), block_table=_ptr(table), seq_lens=_ptr(seq_lens),
         cu_q=_ptr(cu_q), active=_ptr(act), out=_ptr(out), lse=_ptr(lse), alibi=_ptr(alibi), sinks=_ptr(sinks),
         bt_stride=table.shape[1], B=plan.num_seqs, Hq=hq, Hkv=hkv, D=d, Dv=dv, bs=plan.block_size,
-        dtype=_FMT[q.dtype], kfmt=_FMT[k_rows.dtype], vfmt=_FMT[v_rows.dtype],
+        dtype=_FMT[q.dtype], kfmt=fmt, vfmt=fmt,
         k_width=k_rows.shape[-1] * k_rows.element_size(), v_width=v_rows.shape[-1] * v_rows.element_size(),
         scale=p.scale, softcap=p.softcap or 0.0, causal=int(p.causal),
         window=-1 if p.window_left is None else p.window_left,
-        rows_read=_ptr(_counters[-1]) if _counters else None)
+        rows_read=_ptr(_counters[-1]) if _counters else None,
+        k_scale=_ptr(k_scale), v_scale=_ptr(v_scale))
     rc = lib.hal_paged_decode(ctypes.byref(args), ctypes.c_int(torch.get_num_threads()))  # type: ignore[union-attr]
     assert rc == 0, "paged_decode.c refused sequences that eligible() accepted"
