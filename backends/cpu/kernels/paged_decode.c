@@ -282,7 +282,7 @@ static int fast_path_applies(const decode_args *a) {
     const int ok_k = kf == FMT_BF16 || kf == FMT_INT8 || kf == FMT_E4M3 || kf == FMT_E5M2;
     const int ok_v = vf == FMT_BF16 || vf == FMT_INT8 || vf == FMT_E4M3 || vf == FMT_E5M2;
     const int64_t k_bytes = (int64_t)a->D * elem_size(kf) + (kf == FMT_INT8 ? 2 : 0);
-    return a->dtype == FMT_BF16 && ok_k && ok_v && a->D % 32 == 0 && a->Dv % 64 == 0 && a->k_width == k_bytes
+    return a->dtype == FMT_BF16 && ok_k && ok_v && kf == vf && a->D % 32 == 0 && a->Dv % 64 == 0 && a->k_width == k_bytes
            && a->v_width >= (int64_t)a->Dv * elem_size(vf)  /* MLA: V is the first Dv channels of K's row */
            && ((kf != FMT_E4M3 && kf != FMT_E5M2) || a->k_scale) && ((vf != FMT_E4M3 && vf != FMT_E5M2) || a->v_scale);
 }
@@ -291,7 +291,8 @@ static int fast_path_applies(const decode_args *a) {
 /* Keys [split * SPLIT, (split + 1) * SPLIT) of sequence b for KV heads [h0, h1). With partial == NULL
  * the item covers the whole sequence and stores the output; otherwise it stores its unnormalized
  * accumulator, running max and denominator there ([NH][R][Dv + 2]) for merge_splits(). */
-static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float *ws, int split, float *partial) {
+static inline __attribute__((always_inline)) void decode_item_impl(const decode_args *a, int b, int h0, int h1, float *ws,
+                                                                   int split, float *partial, const int KF, const int VF) {
     const int G = a->Hq / a->Hkv, q0 = a->cu_q[b], ql = a->cu_q[b + 1] - q0, S = a->seq_lens[b];
     const int R = ql * G, R4 = (R + 3) & ~3, D = a->D, Dv = a->Dv, NH = h1 - h0;
     /* workspace per head: q bf16 [R4, D] | acc [R4, Dv] | m, l [R4] | s [R4, TILE] (scores, then p) */
@@ -343,20 +344,20 @@ static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float 
                 for (int64_t c = 0; c < (int64_t)NH * a->v_width; c += 64) _mm_prefetch(vp + c, _MM_HINT_T1);
             }
         }
-        for (int hh = 0; hh < NH; hh++) {
-            const int h = h0 + hh;
-            float *base = ws + hh * per_head;
-            const uint16_t *qb = (const uint16_t *)base;
-            float *acc = base + (size_t)R4 * D / 2, *m = acc + (size_t)R4 * Dv, *l = m + R4, *s = l + R4;
-            /* scores s[r][i] = scale * q_r . k_i, four rows at a time */
-            for (int i = 0; i < n; i++) {
+        /* scores s[r][i] = scale * q_r . k_i, four rows at a time; token-major over the tile so that a
+         * token's rows of all the group's heads (contiguous in a block) are read in address order */
+        for (int i = 0; i < n; i++)
+            for (int hh = 0; hh < NH; hh++) {
+                const int h = h0 + hh;
+                const uint16_t *qb = (const uint16_t *)(ws + hh * per_head);
+                float *s = ws + hh * per_head + (size_t)R4 * D / 2 + (size_t)R4 * Dv + 2 * (size_t)R4;
                 const uint8_t *kp = krow[i] + (int64_t)h * a->k_width;
-                const __m512 ks = _mm512_set1_ps(row_scale(kp, a->k_width, a->kfmt, a->k_scale, h));
-                const int kes = elem_size(a->kfmt);
+                const __m512 ks = _mm512_set1_ps(row_scale(kp, a->k_width, KF, a->k_scale, h));
+                const int kes = elem_size(KF);
                 for (int r = 0; r < R4; r += 4) {
                     __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
                     for (int d = 0; d < D; d += 32) {
-                        __m512bh kv = dq32_bf16(kp + kes * d, a->kfmt, ks);
+                        __m512bh kv = dq32_bf16(kp + kes * d, KF, ks);
                         c0 = _mm512_dpbf16_ps(c0, (__m512bh)_mm512_loadu_si512(qb + (size_t)(r + 0) * D + d), kv);
                         c1 = _mm512_dpbf16_ps(c1, (__m512bh)_mm512_loadu_si512(qb + (size_t)(r + 1) * D + d), kv);
                         c2 = _mm512_dpbf16_ps(c2, (__m512bh)_mm512_loadu_si512(qb + (size_t)(r + 2) * D + d), kv);
@@ -371,11 +372,15 @@ static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float 
                     s[(size_t)(r + 3) * TILE + i] = tmp[3];
                 }
             }
+        for (int hh = 0; hh < NH; hh++) {
+            const int h = h0 + hh;
+            float *base = ws + hh * per_head;
+            float *acc = base + (size_t)R4 * D / 2, *m = acc + (size_t)R4 * Dv, *l = m + R4, *s = l + R4;
             float vsc[TILE] = {0};           /* each row's V scale (1 for bf16) */
-            if (a->vfmt == FMT_BF16)
+            if (VF == FMT_BF16)
                 for (int i = 0; i < n; i++) vsc[i] = 1.f;
             else
-                for (int i = 0; i < n; i++) vsc[i] = row_scale(vrow[i] + (int64_t)h * a->v_width, a->v_width, a->vfmt, a->v_scale, h);
+                for (int i = 0; i < n; i++) vsc[i] = row_scale(vrow[i] + (int64_t)h * a->v_width, a->v_width, VF, a->v_scale, h);
             /* softmax update per row over the tile */
             const __mmask16 valid = (__mmask16)((1u << n) - 1u);
             const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(j0), lane);
@@ -417,11 +422,11 @@ static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float 
                     __m512 x20 = _mm512_loadu_ps(a2), x21 = _mm512_loadu_ps(a2 + 16), x22 = _mm512_loadu_ps(a2 + 32), x23 = _mm512_loadu_ps(a2 + 48);
                     __m512 x30 = _mm512_loadu_ps(a3), x31 = _mm512_loadu_ps(a3 + 16), x32 = _mm512_loadu_ps(a3 + 32), x33 = _mm512_loadu_ps(a3 + 48);
                     for (int i = 0; i < n; i++) {
-                        const int ves = elem_size(a->vfmt);
+                        const int ves = elem_size(VF);
                         const uint8_t *vp = vrow[i] + (int64_t)h * a->v_width + ves * d;
                         const __m512 vs = _mm512_set1_ps(vsc[i]);
-                        __m512 v0 = dq16(vp, a->vfmt, vs), v1 = dq16(vp + 16 * ves, a->vfmt, vs);
-                        __m512 v2 = dq16(vp + 32 * ves, a->vfmt, vs), v3 = dq16(vp + 48 * ves, a->vfmt, vs);
+                        __m512 v0 = dq16(vp, VF, vs), v1 = dq16(vp + 16 * ves, VF, vs);
+                        __m512 v2 = dq16(vp + 32 * ves, VF, vs), v3 = dq16(vp + 48 * ves, VF, vs);
                         __m512 w = _mm512_set1_ps(p0[i]);
                         x00 = _mm512_fmadd_ps(w, v0, x00); x01 = _mm512_fmadd_ps(w, v1, x01); x02 = _mm512_fmadd_ps(w, v2, x02); x03 = _mm512_fmadd_ps(w, v3, x03);
                         w = _mm512_set1_ps(p1[i]);
@@ -459,6 +464,15 @@ static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float 
             store_row((uint16_t *)a->out + ((size_t)(q0 + t) * a->Hq + hq) * Dv, acc + (size_t)r * Dv, a->dtype, Dv);
             if (a->lse) a->lse[(size_t)(q0 + t) * a->Hq + hq] = l[r] > 0.f ? m[r] + logf(l[r]) : -INFINITY;
         }
+    }
+}
+
+static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float *ws, int split, float *partial) {
+    switch (a->kfmt) {                    /* one specialised copy per row format (K and V share it) */
+    case FMT_INT8: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_INT8, FMT_INT8); break;
+    case FMT_E4M3: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_E4M3, FMT_E4M3); break;
+    case FMT_E5M2: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_E5M2, FMT_E5M2); break;
+    default: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_BF16, FMT_BF16); break;
     }
 }
 
