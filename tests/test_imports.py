@@ -129,7 +129,7 @@ def test_wheel_installs_everything_under_hal(tmp_path: Path) -> None:
         root = Path(__file__).resolve().parent.parent
         for folder, prefix in (("hal", "hal"), ("backends", "hal/backends")):
             for f in (root / folder).rglob("*"):
-                if f.suffix in (".py", ".c", ".typed") and "__pycache__" not in f.parts:
+                if f.suffix in (".py", ".c", ".h", ".typed") and "__pycache__" not in f.parts:
                     required = f"{prefix}/{f.relative_to(root / folder).as_posix()}"
                     assert required in names, f"{required} missing from {wheels[0].name}"
         assert "hal/conformance/test_conformance.py" in names and "hal/backends/cpu/kernels/paged_decode.c" in names

@@ -44,7 +44,7 @@ def _build(name: str) -> ctypes.CDLL | str:
     cc = shutil.which(wanted) if wanted else (shutil.which("gcc") or shutil.which("cc"))
     if cc is None:
         return f"C compiler {wanted!r} (HAL_CC) not found" if wanted else "no C compiler found (install gcc, or set HAL_CC)"
-    src = (_HERE / f"{name}.c").read_bytes()
+    src = (_HERE / f"{name}.c").read_bytes() + b"".join(h.read_bytes() for h in sorted(_HERE.glob("*.h")))
     key = hashlib.sha256(src + " ".join([cc, *_FLAGS]).encode() + _cpu_flags().encode()).hexdigest()[:16]
     out_dir = Path(str(config.get("HAL_CACHE_DIR"))).expanduser() / "kernels"
     lib_path = out_dir / f"{name}-{key}.so"

@@ -39,25 +39,11 @@ typedef struct {
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
+#include "simd.h"
 
 enum { KT = 32, ROWS = 64, MAXD = 256 };
 
 int hal_flash_prefill_available(void) { return 1; }
-
-static inline __m512 exp512(__m512 x) {            /* e^x, ~1 ulp; -inf -> 0 */
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
 
 static inline uint16_t f32_to_bf16(float f) {
     uint32_t u; memcpy(&u, &f, 4);
@@ -155,11 +141,7 @@ static void run_item(const prefill_args *a, int b, int h, int t0, int t1, worksp
             for (int half = 0; half < 2; half++) {
                 __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(j0 + 16 * half), lane);
                 __m512 v = _mm512_mul_ps(_mm512_loadu_ps(&w->s[r][16 * half]), _mm512_set1_ps(a->scale));
-                if (a->softcap > 0.f) {
-                    __m512 e = exp512(_mm512_mul_ps(v, _mm512_set1_ps(2.f / a->softcap)));
-                    __m512 th = _mm512_sub_ps(_mm512_set1_ps(1.f), _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, _mm512_set1_ps(1.f))));
-                    v = _mm512_mul_ps(th, _mm512_set1_ps(a->softcap));
-                }
+                if (a->softcap > 0.f) v = softcap512(v, a->softcap);
                 if (a->alibi) {
                     __m512 dist = _mm512_abs_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(w->pos[r]), jv)));
                     v = _mm512_fnmadd_ps(_mm512_set1_ps(a->alibi[w->hq[r]]), dist, v);

@@ -24,6 +24,7 @@
 #endif
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#include "simd.h"
 #endif
 
 enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_INT8 = 3, FMT_E4M3 = 4, FMT_E5M2 = 5 };
@@ -208,22 +209,6 @@ static void decode_item(const decode_args *a, int b, int h, float *ws) {
  * reduced together. Softmax: vector exp over a tile's 16 scores per row. P.V: fp32 FMAs into
  * register-blocked accumulators (4 rows x 64 dims), V converted bf16 -> fp32 by a shift. */
 
-static inline __m512 exp512(__m512 x) {            /* e^x, ~1 ulp; -inf -> 0 */
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-    __m512 t = _mm512_mul_ps(x, log2e);
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n);                /* 2^f, f in [-0.5, 0.5] */
-    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
-
 static inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) { /* [sum a0, .. sum a3] */
     __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
     __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
@@ -387,11 +372,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             for (int r = 0; r < R; r++) {
                 const int p_r = pos_first + r / G, hq = h * G + r % G;
                 __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, s + (size_t)r * TILE), vscale);
-                if (a->softcap > 0.f) {             /* softcap * tanh(x / softcap) = c (1 - 2 / (e^(2x/c) + 1)) */
-                    __m512 e = exp512(_mm512_mul_ps(x, _mm512_set1_ps(2.f / a->softcap)));
-                    __m512 th = _mm512_sub_ps(_mm512_set1_ps(1.f), _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, _mm512_set1_ps(1.f))));
-                    x = _mm512_mul_ps(th, _mm512_set1_ps(a->softcap));
-                }
+                if (a->softcap > 0.f) x = softcap512(x, a->softcap);
                 if (a->alibi) {
                     __m512 dist = _mm512_abs_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(p_r), jv)));
                     x = _mm512_fnmadd_ps(_mm512_set1_ps(a->alibi[hq]), dist, x);
