@@ -29,6 +29,7 @@ _LAZY = {
     "reference": "hal.reference",
     "conformance": "hal.conformance",
     "mla": "hal.mla",
+    "capacity": "hal.capacity",
 }
 
 __all__ = [

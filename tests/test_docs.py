@@ -23,3 +23,14 @@ def test_readme_opens_with_the_two_commands_ci_runs() -> None:
     assert "python -m pytest tests" in commands[1] and commands[1].startswith("pip install torch==2.13.0")
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     assert "python -m pytest tests" in ci and "hal conformance" in ci
+
+
+def test_the_readme_example_runs() -> None:
+    code = README.split("```python\n")[1].split("```")[0]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    hal, torch = scope["hal"], scope["torch"]
+    whole = hal.attention(scope["q"], scope["k"], scope["v"])
+    assert (scope["o"].float() - whole.float()).abs().max() < 3e-2  # the merge equals the whole, as it says
+    assert scope["out"].shape == (8, 32, 128) and scope["lse"].dtype == torch.float32
+    assert abs(scope["cfg"].softmax_scale - 0.114721) < 1e-6
