@@ -52,6 +52,16 @@ def _over_layers(fn: Callable[[int], Any]) -> Callable[[int], None]:
     return run
 
 
+def _layer_impls(c: CaseSpec, hal_layer: Callable[[int], Any], sdpa_layer: Callable[[int], Any],
+                 packed_layer: Callable[[int], Any], gather_layer: Callable[[int], Any]) -> dict[str, Impl]:
+    """hal and the three baselines of a per-layer case (decode, MLA); hal and gather read the stored
+    format, the contiguous SDPA baselines the model dtype."""
+    stored, model, flops = c.stored_bytes_per_layer(), c.model_bytes_per_layer(), c.flops_per_layer()
+    fns = {"hal": (hal_layer, stored), "sdpa": (sdpa_layer, model), "sdpa-packed": (packed_layer, model),
+           "gather+sdpa": (gather_layer, stored)}
+    return {name: Impl(_over_layers(fn), (lambda fn=fn: fn(0)), nbytes, flops) for name, (fn, nbytes) in fns.items()}
+
+
 def _paged_layout(batch: int, context: int, block_size: int, gen: torch.Generator
                   ) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Every sequence's blocks drawn from one random permutation of the cache's blocks.
@@ -117,13 +127,7 @@ def _build_decode(c: CaseSpec, backend: Any, device: torch.device, layers: int, 
         vg = vg.view(B, need * s.block_size, s.hkv, s.dv)[:, :S].transpose(1, 2)
         return F.scaled_dot_product_attention(q4, kg, vg, enable_gqa=True)
 
-    stored, model, flops = c.stored_bytes_per_layer(), c.model_bytes_per_layer(), c.flops_per_layer()
-    impls = {
-        "hal": Impl(_over_layers(hal_layer), lambda: hal_layer(0), stored, flops),
-        "sdpa": Impl(_over_layers(sdpa_layer), lambda: sdpa_layer(0), model, flops),
-        "sdpa-packed": Impl(_over_layers(packed_layer), lambda: packed_layer(0), model, flops),
-        "gather+sdpa": Impl(_over_layers(gather_layer), lambda: gather_layer(0), stored, flops),
-    }
+    impls = _layer_impls(c, hal_layer, sdpa_layer, packed_layer, gather_layer)
     shape = dict(model=s.name, hq=s.hq, hkv=s.hkv, head_dim=s.d, v_head_dim=s.dv, block_size=s.block_size,
                  batch=B, context=S, kv_dtype=c.kv_dtype, dtype=c.dtype, layers=layers,
                  pages="randomly permuted", bytes_per_token_layer=cache.bytes_per_token // layers)
@@ -202,13 +206,7 @@ def _build_mla(c: CaseSpec, backend: Any, device: torch.device, layers: int, gen
         kv = torch.cat([c_kv, k_pe], dim=-1).view(B, 1, need * m.block_size, R + P)[:, :, :S]
         return F.scaled_dot_product_attention(q4, kv, kv, scale=scale, enable_gqa=True)[..., :R]
 
-    stored, model, flops = c.stored_bytes_per_layer(), c.model_bytes_per_layer(), c.flops_per_layer()
-    impls = {
-        "hal": Impl(_over_layers(hal_layer), lambda: hal_layer(0), stored, flops),
-        "sdpa": Impl(_over_layers(sdpa_layer), lambda: sdpa_layer(0), model, flops),
-        "sdpa-packed": Impl(_over_layers(packed_layer), lambda: packed_layer(0), model, flops),
-        "gather+sdpa": Impl(_over_layers(gather_layer), lambda: gather_layer(0), stored, flops),
-    }
+    impls = _layer_impls(c, hal_layer, sdpa_layer, packed_layer, gather_layer)
     shape = dict(model=m.name, heads=H, kv_lora_rank=R, rope_dim=P, block_size=m.block_size, batch=B, context=S,
                  kv_dtype=c.kv_dtype, dtype=c.dtype, layers=layers, pages="randomly permuted",
                  bytes_per_token_layer=cache.bytes_per_token // layers,
