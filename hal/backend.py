@@ -108,9 +108,10 @@ class Backend:
         -1 = skip, valid slots distinct."""
         raise self._missing("KVCache.write")
 
-    def kv_read(self, storage: Any, layer: int, block_ids: torch.Tensor
+    def kv_read(self, storage: Any, layer: int, block_ids: torch.Tensor, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """block_ids int64 [n] -> (k [n, bs, Hkv, D], v [n, bs, Hkv, Dv]) in the model dtype."""
+        """block_ids int64 [n] -> (k [n, bs, Hkv, D], v [n, bs, Hkv, Dv]) in ``dtype``: the model
+        dtype, or fp32/fp64 (the stored values times their scales, exactly for fp64)."""
         raise self._missing("KVCache.read")
 
     def kv_copy_blocks(self, storage: Any, src: torch.Tensor, dst: torch.Tensor) -> None:

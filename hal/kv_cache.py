@@ -274,13 +274,30 @@ class KVCache:
                                        f"rejects them (they would poison a scale). Nothing was written.")
         self.backend.kv_write(self._storage, layer, k, v, slots.to(self.device))
 
-    def read(self, layer: int, block_ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, layer: int, block_ids: Any, *, dtype: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks ``block_ids`` of ``layer``, dequantized, token-major: ``(k [n, bs, Hkv, D],
-        v [n, bs, Hkv, Dv])`` (MLA: ``(c_kv [n, bs, R], k_pe [n, bs, P])``)."""
+        v [n, bs, Hkv, Dv])`` (MLA: ``(c_kv [n, bs, R], k_pe [n, bs, P])``). ``dtype``: the model
+        dtype (default), or ``"fp32"``/``"fp64"``: a quantized cache's values times their scales, not
+        rounded to the model dtype (exact in fp64; the golden of the conformance suite)."""
         op = "hal.KVCache.read"
         layer = self._check_layer(op, layer)
         ids = self._check_block_ids(op, "block_ids", block_ids)
-        return self.backend.kv_read(self._storage, layer, ids.to(self.device))
+        out_dtype = self._check_read_dtype(op, dtype)
+        return self.backend.kv_read(self._storage, layer, ids.to(self.device), out_dtype)
+
+    def _check_read_dtype(self, op: str, dtype: Any) -> torch.dtype:
+        model = self.spec.torch_dtype
+        if dtype is None:
+            return model
+        allowed = {self.spec.dtype: model, "fp32": torch.float32, "fp64": torch.float64}
+        by_torch = {t: t for t in allowed.values()}
+        if isinstance(dtype, str) and dtype in allowed:
+            return allowed[dtype]
+        if isinstance(dtype, torch.dtype) and dtype in by_torch:
+            return dtype
+        names = ", ".join(repr(n) for n in dict.fromkeys([self.spec.dtype, "fp32", "fp64"]))
+        raise InvalidInput(f"[{op}] dtype must be None (the model dtype, {self.spec.dtype}) or one of {names} "
+                           f"(or their torch dtypes), got {dtype!r}")
 
     def copy_blocks(self, copies: Any) -> None:
         """Apply ``(src, dst)`` block copies (from ``BlockManager.fork``) in every layer."""

@@ -221,10 +221,11 @@ def _unpack(b: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 def _to_model(v32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 -> the model dtype, clamped to its finite range (a rounded-up scale may pass fp16's max)."""
+    """fp32 (fp64 for an fp64 read) -> the model dtype, clamped to its finite range (a rounded-up
+    scale may pass fp16's max)."""
     if dtype == torch.float16:
         v32 = v32.clamp(-FP16_MAX, FP16_MAX)
-    return v32 if dtype == torch.float32 else v32.to(dtype)
+    return v32 if dtype == v32.dtype else v32.to(dtype)
 
 
 def _need_scale(kv_dtype: str, scale: torch.Tensor | None) -> torch.Tensor:
@@ -260,17 +261,20 @@ def encode(kv_dtype: str, x: torch.Tensor, scale: torch.Tensor | None = None) ->
 
 def decode(kv_dtype: str, rows: torch.Tensor, dim: int, dtype: torch.dtype,
            scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Values ``[..., dim]`` in ``dtype`` of rows ``[..., row_width]`` (the inverse of ``encode``)."""
+    """Values ``[..., dim]`` in ``dtype`` of rows ``[..., row_width]`` (the inverse of ``encode``).
+    With ``dtype=torch.float64`` the values are exact: stored value times scale, unrounded (fp32
+    is exact too for the integer formats: 8 bits times an fp16 scale fit its 24)."""
     _known(kv_dtype)
     if kv_dtype == "auto":
         return rows if rows.dtype == dtype else rows.to(dtype)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
     if kv_dtype in _FP8:
-        v = rows.view(_FP8[kv_dtype].torch_dtype).float() * _need_scale(kv_dtype, scale)
+        v = rows.view(_FP8[kv_dtype].torch_dtype).to(work) * _need_scale(kv_dtype, scale).to(work)
         return _to_model(v, dtype)
     spec = _INT[kv_dtype]
     nv = _value_bytes(kv_dtype, dim)
-    q = _unpack(rows[..., :nv], spec.bits, dim).float()  # [..., dim]
-    s = _from_le_fp16(rows[..., nv:]).float()  # [..., G]
+    q = _unpack(rows[..., :nv], spec.bits, dim).to(work)  # [..., dim]
+    s = _from_le_fp16(rows[..., nv:]).to(work)  # [..., G]
     if spec.group is None:
         v = q * s
     else:

@@ -204,7 +204,8 @@ def test_native_decode_splits_long_sequences_exactly(opts: dict) -> None:
 @pytest.mark.parametrize("opts", OPTION_SETS[:3] + OPTION_SETS[-1:], ids=lambda o: "-".join(sorted(o)))
 def test_native_decode_of_quantized_rows_matches_torch_and_reference(monkeypatch: pytest.MonkeyPatch, kv_dtype: str,
                                                                      opts: dict) -> None:
-    """int8/fp8 rows decoded inside the native kernel equal attention on what cache.read returns."""
+    """int8/fp8 rows decoded inside the native kernel equal attention on the cache's exact values
+    (stored value x scale), as the torch path does."""
     native = pytest.importorskip("hal.backends.cpu.kernels.paged_decode")
     gen = torch.Generator().manual_seed(13)
     seq_lens, q_lens, bs = [700, 40, 9], [1, 3, 1], 16
@@ -220,7 +221,7 @@ def test_native_decode_of_quantized_rows_matches_torch_and_reference(monkeypatch
     cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
     q = torch.randn(int(cu[-1]), 4, 64, generator=gen).bfloat16()
     plan = hal.plan(cu, torch.tensor(seq_lens, dtype=torch.int32), table, cache)
-    kc, vc = cache.read(0, range(nb))
+    kc, vc = cache.read(0, range(nb), dtype="fp64")  # the cache's exact values
     want, want_lse = paged_attention_reference(q, kc, vc, cu, seq_lens, table, **opts)
     if not native.applies(cache.storage, q):
         pytest.skip("native quantized decode needs AVX-512 BF16")

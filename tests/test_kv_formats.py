@@ -312,6 +312,34 @@ def test_mla_rows_are_one_group_of_576() -> None:
     assert torch.equal(s, F.encode("int6", row)[:, -2:].contiguous().view(torch.float16).float()[:, 0])
 
 
+@pytest.mark.parametrize("kv", ["int8", "int4", "fp8_e4m3"])
+def test_exact_read_is_value_times_scale_and_the_default_read_rounds_it(kv: str) -> None:
+    """read(dtype="fp64") is stored value x scale computed by hand from the bytes; the default read is
+    that rounded to the model dtype; fp32 equals fp64 for the integer formats (8 bits x fp16 scale)."""
+    cache = hal.KVCache(hal.KVCacheSpec(1, 2, 32, block_size=4, dtype="bf16", kv_dtype=kv), 2, backend="cpu")
+    g = torch.Generator().manual_seed(5)
+    cache.write(0, torch.randn(8, 2, 32, generator=g).bfloat16(), (torch.randn(8, 2, 32, generator=g) * 3).bfloat16(),
+                torch.arange(8))
+    k64, v64 = cache.read(0, [0, 1], dtype="fp64")
+    k32, _ = cache.read(0, [0, 1], dtype=torch.float32)
+    kb, vb = cache.read(0, [0, 1])
+    assert k64.dtype == torch.float64 and k32.dtype == torch.float32 and kb.dtype == torch.bfloat16
+    raw = cache.storage.rows[1][0].flatten(0, 1)  # v rows [8, 2, width]
+    if kv == "int8":
+        vals = raw[..., :32].view(torch.int8).double()
+        scale = raw[..., 32:34].contiguous().view(torch.float16).double()
+        assert torch.equal(v64.flatten(0, 1), vals * scale)
+    if kv == "fp8_e4m3":
+        vals = raw.view(torch.float8_e4m3fn).double()
+        assert torch.equal(v64.flatten(0, 1), vals * cache.storage.scales[1][0].double()[None, :, None])
+    assert torch.equal(vb, v64.to(torch.bfloat16)) and torch.equal(kb, k64.to(torch.bfloat16))
+    if kv != "fp8_e4m3":
+        assert torch.equal(k32.double(), k64)
+    for bad in ("fp16", torch.int8, "float64"):
+        with pytest.raises(hal.InvalidInput, match=r"\[hal.KVCache.read\] dtype must be None"):
+            cache.read(0, [0], dtype=bad)
+
+
 # ---- paged attention on every format, and the suite catching a kernel's dequantization bug --------
 
 def _quant_case(name: str) -> Any:
@@ -334,13 +362,14 @@ class _SwappedNibbles:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._s, name)
 
-    def fetch(self, layer: int, block_ids: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]:
+    def fetch(self, layer: int, block_ids: torch.Tensor, start: int, stop: int,
+              dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         out = []
         for i, rows in enumerate(self._s.rows):
             raw = rows[layer].index_select(0, block_ids).flatten(0, 1)[start:stop].clone()
             nv = math.ceil(self._s.dims[i] / 2)
             raw[..., :nv] = (raw[..., :nv] << 4) | (raw[..., :nv] >> 4)
-            out.append(F.decode("int4", raw, self._s.dims[i], self._s.spec.torch_dtype))
+            out.append(F.decode("int4", raw, self._s.dims[i], dtype or self._s.spec.torch_dtype))
         return out
 
 
@@ -353,9 +382,10 @@ class _IgnoresFp8Scale:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._s, name)
 
-    def fetch(self, layer: int, block_ids: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]:
+    def fetch(self, layer: int, block_ids: torch.Tensor, start: int, stop: int,
+              dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         return [F.decode(self._s.spec.kv_dtype, rows[layer].index_select(0, block_ids).flatten(0, 1)[start:stop],
-                         self._s.dims[i], self._s.spec.torch_dtype, torch.ones(()))
+                         self._s.dims[i], dtype or self._s.spec.torch_dtype, torch.ones(()))
                 for i, rows in enumerate(self._s.rows)]
 
 
@@ -374,7 +404,7 @@ class _WrongDequantBackend(CpuBackend):
 def test_suite_catches_a_dequantization_bug_in_the_kernel(kv: str, wrap: Any) -> None:
     be = _WrongDequantBackend(wrap)
     bad = run_case(be, _quant_case(f"quant/attention/{kv}/bf16/bs16"))
-    assert bad.status == "FAIL" and "golden on cache.read" in bad.message
+    assert bad.status == "FAIL" and "golden on the cache's exact values" in bad.message
     assert run_case(be, _quant_case(f"quant/roundtrip/{kv}/from-bf16")).status == "pass"
     assert run_case(hal.get_backend("cpu"), _quant_case(f"quant/attention/{kv}/bf16/bs16")).status == "pass"
 

@@ -49,7 +49,7 @@ def _latent_setup(seqs: list[tuple[int, int]], *, heads: int = 4, r: int = 64, p
 
 def _reference(cache: hal.KVCache, cu: list[int], seqs: list[tuple[int, int]], table: torch.Tensor,
                ql: torch.Tensor, qr: torch.Tensor, scale: float, causal: bool = True):
-    c_kv, k_pe = cache.read(1, list(range(cache.num_blocks)))
+    c_kv, k_pe = cache.read(1, list(range(cache.num_blocks)), dtype="fp64")  # the cache's exact values
     return mla_attention_reference(ql, qr, c_kv, k_pe, cu, [kv for _, kv in seqs], table, scale=scale, causal=causal)
 
 

@@ -320,6 +320,8 @@ ROWS: list[Row] = [
         IV, r"block_ids\[1\]=8 is out of range 0\.\.7", "hal.KVCache.read"),
     Row("read-block-float", "block id 1.5 (a float)", lambda s: s.cache.read(0, [0, 1.5]),
         IV, r"block_ids\[1\] must be an int, got float 1\.5", "hal.KVCache.read"),
+    Row("read-dtype", "dtype='int8' (only the model dtype, 'fp32' or 'fp64')", lambda s: s.cache.read(0, [0], dtype="int8"),
+        IV, r"dtype must be None \(the model dtype, fp32\) or one of 'fp32', 'fp64'", "hal.KVCache.read"),
     # ---- KVCache.copy_blocks ----
     Row("copy-dst-dup", "destination block 4 appears twice", lambda s: s.cache.copy_blocks([(0, 4), (1, 4)]),
         IV, r"a destination block appears twice in copies", "hal.KVCache.copy_blocks"),

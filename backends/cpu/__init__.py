@@ -94,8 +94,8 @@ class CpuBackend(Backend):
     def kv_write(self, storage, layer, k, v, slot_mapping) -> None:  # type: ignore[no-untyped-def]
         storage.write(layer, k, v, slot_mapping)
 
-    def kv_read(self, storage, layer, block_ids):  # type: ignore[no-untyped-def]
-        return storage.read(layer, block_ids)
+    def kv_read(self, storage, layer, block_ids, dtype):  # type: ignore[no-untyped-def]
+        return storage.read(layer, block_ids, dtype)
 
     def kv_copy_blocks(self, storage, src, dst) -> None:  # type: ignore[no-untyped-def]
         storage.copy_blocks(src, dst)

@@ -146,6 +146,7 @@ def paged_attention(q: torch.Tensor, cache: CpuKVStorage, layer: int, plan: Plan
             native_prefill.paged(q, cache, layer, plan, p, out, lse, long_runs)
             native = [a or b for a, b in zip(native, long_runs)]
     cq = plan.cu_seqlens_q_host
+    fetch_dtype = None if cache.spec.kv_dtype == "auto" else torch.float32
     for b, kv_len in enumerate(plan.seq_lens_host):
         q0, q1 = cq[b], cq[b + 1]
         if q1 == q0 or native[b]:
@@ -153,9 +154,10 @@ def paged_attention(q: torch.Tensor, cache: CpuKVStorage, layer: int, plan: Plan
         table = plan.block_table_host[b].to(torch.int64)
 
         def fetch(c0: int, c1: int, table: torch.Tensor = table) -> tuple[torch.Tensor, torch.Tensor | None]:
-            # the blocks covering [c0, c1), decoded, then exactly those tokens (never a slot past seq_len)
+            # the blocks covering [c0, c1), decoded, then exactly those tokens (never a slot past seq_len);
+            # quantized rows decode to fp32 (value x scale, unrounded), which is what the math runs in
             b0, b1 = c0 // bs, -(-c1 // bs)
-            comps = cache.fetch(layer, table[b0:b1], c0 - b0 * bs, c1 - b0 * bs)
+            comps = cache.fetch(layer, table[b0:b1], c0 - b0 * bs, c1 - b0 * bs, fetch_dtype)
             return comps[0], (comps[1] if len(comps) > 1 else None)  # MLA: one component, no separate v
 
         _attend_sequence(q[q0:q1], kv_len, fetch, chunk, p, cache.num_heads, out[q0:q1],

@@ -59,19 +59,22 @@ class CpuKVStorage:
             scale = None if self.scales is None else self.scales[i][layer][:, None]
             self.rows[i][layer].flatten(0, 1).index_copy_(0, slots, kv_formats.encode(kv_dtype, x, scale))
 
-    def fetch(self, layer: int, block_ids: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]:
-        """Tokens [start, stop) of the blocks ``block_ids`` (in order), decoded to the model dtype:
-        one ``[stop - start, H, dim]`` tensor per component."""
+    def fetch(self, layer: int, block_ids: torch.Tensor, start: int, stop: int,
+              dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """Tokens [start, stop) of the blocks ``block_ids`` (in order), decoded to ``dtype`` (default
+        the model dtype): one ``[stop - start, H, dim]`` tensor per component."""
+        dtype = self.spec.torch_dtype if dtype is None else dtype
         out = []
         for i, rows in enumerate(self.rows):
             raw = rows[layer].index_select(0, block_ids).flatten(0, 1)[start:stop]
             scale = None if self.scales is None else self.scales[i][layer][:, None]
-            out.append(kv_formats.decode(self.spec.kv_dtype, raw, self.dims[i], self.spec.torch_dtype, scale))
+            out.append(kv_formats.decode(self.spec.kv_dtype, raw, self.dims[i], dtype, scale))
         return out
 
-    def read(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, layer: int, block_ids: torch.Tensor, dtype: torch.dtype | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         n, bs = block_ids.numel(), self.block_size
-        comps = [c.view(n, bs, *c.shape[1:]) for c in self.fetch(layer, block_ids, 0, n * bs)]
+        comps = [c.view(n, bs, *c.shape[1:]) for c in self.fetch(layer, block_ids, 0, n * bs, dtype)]
         if self.spec.is_mla:  # [n, bs, 1, R + P] -> c_kv [n, bs, R], k_pe [n, bs, P]
             row = comps[0][:, :, 0]
             return row[..., :self.spec.kv_lora_rank], row[..., self.spec.kv_lora_rank:]

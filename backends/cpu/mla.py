@@ -50,11 +50,12 @@ def count_fetched_bytes(cache: CpuKVStorage) -> Iterator[dict[str, int]]:
     fetch = cache.fetch
     row_bytes = sum(r.shape[-1] * r.shape[-2] * r.element_size() for r in cache.rows)  # per token, all heads
 
-    def counting_fetch(layer: int, block_ids: torch.Tensor, start: int, stop: int) -> list[torch.Tensor]:
+    def counting_fetch(layer: int, block_ids: torch.Tensor, start: int, stop: int,
+                       dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         counts["calls"] += 1
         counts["tokens"] += stop - start
         counts["bytes"] += (stop - start) * row_bytes
-        return fetch(layer, block_ids, start, stop)
+        return fetch(layer, block_ids, start, stop, dtype)
 
     cache.fetch = counting_fetch  # type: ignore[method-assign]
     try:

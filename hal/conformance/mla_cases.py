@@ -3,8 +3,8 @@
 - absorbed: ``hal.mla_attention`` on DeepSeek-V2 (128 heads) and V2-Lite (16 heads) shapes, latent
   512 + RoPE 64, softmax scale 0.114721 (YaRN), over a paged latent cache with permuted pages and
   NaN in every unused slot, mixed prefill/decode batches, block sizes 64 (the MLA default) and 16,
-  output and LSE against ``hal.reference.mla_attention_reference`` on what ``cache.read`` returns;
-  one case per KV format of ``hal.dtypes.KV_DTYPES`` (skipped where a backend does not declare it).
+  output and LSE against ``hal.reference.mla_attention_reference`` on the cache's exact values
+  (``cache.read(..., dtype="fp64")``, as in family quant); one case per KV format of ``hal.dtypes.KV_DTYPES`` (skipped where a backend does not declare it).
 - naive: the whole ``hal.mla`` block on random weights, absorbed (``hal.mla_attention`` through the
   paged cache: prefill, then multi-token and single-token decode) equals the naive decompressed
   MHA; with at least two keys per query, so a wrong softmax scale is visible (the case checks that
@@ -100,10 +100,13 @@ def _absorbed(name: str, heads: int, dtype: str, kv_dtype: str, block_size: int,
     dev = setup.cache.device
     out, lse = hal.mla_attention(q_latent.to(dev), q_rope.to(dev), setup.cache, setup.layer, setup.plan(),
                                  scale=scale, causal=causal, return_lse=True)
-    c_kv, k_pe = (x.cpu() for x in setup.cache.read(setup.layer, list(range(setup.cache.num_blocks))))
+    # golden on the exact values the cache holds (fp64); the same-dtype reference reads them back in the
+    # model dtype and does the same math as MQA over [c_kv; k_pe] with value c_kv
+    everything = list(range(setup.cache.num_blocks))
+    c_kv, k_pe = (x.cpu() for x in setup.cache.read(setup.layer, everything, dtype="fp64"))
     g_out, g_lse = mla_attention_reference(q_latent, q_rope, c_kv, k_pe, setup.cu_q, setup.seq_lens,
                                            setup.block_table, scale=scale, causal=causal)
-    # same-dtype reference: the same math as MQA over [c_kv; k_pe] with value c_kv, in the dtype
+    c_kv, k_pe = (x.cpu() for x in setup.cache.read(setup.layer, everything))
     rows = torch.cat([c_kv, k_pe], dim=-1)  # [num_blocks, bs, R + P]
     keys = [rows[setup.block_table[b, :-(-kv // block_size)].long()].flatten(0, 1)[:kv]
             for b, kv in enumerate(setup.seq_lens)]

@@ -9,8 +9,11 @@
   first write) saturates to exactly ``+-fmax * scale``; integer formats scale per token, and values
   beyond ``qmax * 65504`` saturate; fp16 values near 65504 read back finite.
 - attention: paged attention on a quantized cache (Llama-3-8B, the mixed batch, permuted pages)
-  against the float64 golden computed on what ``cache.read`` returns, at the dtype tolerance, so a
-  dequantization bug inside a kernel fails. Quantized writes reject NaN, so unused slots are
+  against the float64 golden computed on the exact values the cache holds (``cache.read(...,
+  dtype="fp64")``: stored value x scale, unrounded), at the tolerance of a same-dtype reference that
+  reads the cache back in the model dtype. A kernel may dequantize into the model dtype (that
+  reference's rounding) or keep the stored values exact and apply the scales to scores and weights
+  (FlashInfer's way, and more accurate); a dequantization bug inside a kernel fails either way. Quantized writes reject NaN, so unused slots are
   poisoned with +-1e4 instead (fp8: saturated to +-fmax * scale, about the data's absmax): a read past
   ``seq_lens`` still blows the result. fp8 scales are calibrated (absmax / fmax per KV head of the
   batch, given at creation). Reported, not gated: the output's max error against the golden on the
@@ -264,15 +267,18 @@ def _attention_check(backend: Backend, case: str, shape: Shape, batch: Batch, dt
     res = hal.paged_attention(q.to(cache.device), cache, 1, plan, return_lse=lse)
     out, got_lse = res if lse else (res, None)
     out = out.cpu()
-    # golden on what the cache holds, and the same-dtype reference on the same (dequantized) K/V
-    kc, vc = (t.cpu() for t in cache.read(1, list(range(cache.num_blocks))))
+    # golden on the exact values the cache holds (stored value x scale, fp64); the same-dtype reference
+    # reads them back in the model dtype, as a plain kernel that dequantizes into the dtype would
+    everything = list(range(cache.num_blocks))
+    kc, vc = (t.cpu() for t in cache.read(1, everything, dtype="fp64"))
     g_out, g_lse = paged_attention_reference(q, kc, vc, batch.cu_q, setup["seq_lens"], setup["table"])
-    kq = torch.cat([kc[ids].flatten(0, 1)[:kv] for ids, kv in zip(setup["blocks"], setup["seq_lens"])])
-    vq = torch.cat([vc[ids].flatten(0, 1)[:kv] for ids, kv in zip(setup["blocks"], setup["seq_lens"])])
+    kr, vr = (t.cpu() for t in cache.read(1, everything))
+    kq = torch.cat([kr[ids].flatten(0, 1)[:kv] for ids, kv in zip(setup["blocks"], setup["seq_lens"])])
+    vq = torch.cat([vr[ids].flatten(0, 1)[:kv] for ids, kv in zip(setup["blocks"], setup["seq_lens"])])
     r_out, r_lse = same_dtype_attention(q, kq, vq, batch.cu_q, batch.cu_k, causal=True)
-    comps = [compare("out vs golden on cache.read", dtype, out, g_out, r_out)]
+    comps = [compare("out vs golden on the cache's exact values", dtype, out, g_out, r_out)]
     if lse:
-        comps.append(compare("lse vs golden on cache.read", dtype, got_lse.cpu(), g_lse, r_lse, lse=True))
+        comps.append(compare("lse vs golden on the cache's exact values", dtype, got_lse.cpu(), g_lse, r_lse, lse=True))
     # reported: what the format costs against the unquantized K/V
     u_out, _ = golden_attention(q, setup["k"], setup["v"], batch.cu_q, batch.cu_k, causal=True)
     info = {"max |out - unquantized|": float((out.double() - u_out).abs().max()),

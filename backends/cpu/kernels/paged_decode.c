@@ -204,10 +204,20 @@ static void decode_item(const decode_args *a, int b, int h, float *ws) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-/* ---- the AVX-512 BF16 path: bf16 q and K/V rows, D % 32 == 0, Dv % 64 == 0 ------------------
- * Scores: VDPBF16PS of the bf16 query against the bf16 key (exact products, fp32 sums), four rows
- * reduced together. Softmax: vector exp over a tile's 16 scores per row. P.V: fp32 FMAs into
- * register-blocked accumulators (4 rows x 64 dims), V converted bf16 -> fp32 by a shift. */
+/* ---- the AVX-512 BF16 path: bf16 model; bf16, int8 or fp8 rows; D % 32 == 0, Dv % 64 == 0 ----
+ * Both products run on dot-product instructions that take pairs of 16-bit values and sum in 32 bits:
+ * VDPBF16PS on bf16 pairs (bf16 rows, and fp8 rows widened exactly to bf16) and VPDPWSSD on int16
+ * pairs (int8 rows widened to int16 against int16 queries and weights). Scores: four query rows held
+ * in registers against each key of a tile, reduced four at a time. P.V: a tile's weights rounded to
+ * bf16 (int8 rows: quantized to int16 against the tile's largest), taken in token pairs against
+ * value rows interleaved by 16-bit unpacks, so accumulators hold their dims in an interleaved order
+ * that unpermute() undoes once at the end. Scales: the softmax scale, int8 rows' scales and fp8 heads'
+ * scales multiply the fp32 scores and weights, never the stored values, so every stored value enters
+ * the products exactly. Prefetch: while it reads a tile, each head asks for its rows PREFETCH tokens
+ * ahead, a few lines per token, so the memory system never idles while the core computes. */
+enum { PREFETCH = 16 };
+
+static const uint8_t zero_row[2 * MAX_DIM] __attribute__((aligned(64)));  /* pads a tile's odd token */
 
 static inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) { /* [sum a0, .. sum a3] */
     __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
@@ -217,44 +227,40 @@ static inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) { /* [s
     return _mm_add_ps(_mm256_castps256_ps128(t3), _mm256_extractf128_ps(t3, 1));
 }
 
-static inline __m512 bf16x16_to_f32(const uint8_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+static inline __m128 reduce4i(__m512 a0, __m512 a1, __m512 a2, __m512 a3) { /* the same on int32 lanes */
+    __m512i b0 = (__m512i)a0, b1 = (__m512i)a1, b2 = (__m512i)a2, b3 = (__m512i)a3;
+    __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(b0, b1), _mm512_unpackhi_epi32(b0, b1));
+    __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(b2, b3), _mm512_unpackhi_epi32(b2, b3));
+    __m512i t2 = _mm512_add_epi32((__m512i)_mm512_shuffle_ps((__m512)t0, (__m512)t1, 0x44),
+                                  (__m512i)_mm512_shuffle_ps((__m512)t0, (__m512)t1, 0xEE));
+    __m256i t3 = _mm256_add_epi32(_mm512_castsi512_si256(t2), _mm512_extracti64x4_epi64(t2, 1));
+    return _mm_cvtepi32_ps(_mm_add_epi32(_mm256_castsi256_si128(t3), _mm256_extracti128_si256(t3, 1)));
 }
 
 /* Quantized rows (hal/kv_formats.py): int8 values then the row's fp16 scale; fp8 bit patterns with a
- * per-head scale. A value decodes as fp32(q) * scale rounded to bf16, exactly what cache.read returns
- * (so attention on a quantized cache equals attention on its read-back). e4m3 goes through fp16 (its
- * 7 magnitude bits shifted into fp16's exponent and mantissa) and comes out 2^-8 too small: its
- * scale carries the 256. */
+ * per-head scale. e4m3 goes through fp16 (its 7 magnitude bits shifted into fp16's exponent and
+ * mantissa) and comes out 2^-8 too small: its scale carries the 256. */
 static inline int elem_size(int fmt) { return fmt == FMT_BF16 ? 2 : 1; }
 
-static inline __m512 q16_to_f32(const uint8_t *p, int fmt) {      /* 16 stored values -> fp32, unscaled */
-    if (fmt == FMT_BF16) return bf16x16_to_f32(p);
-    __m128i x = _mm_loadu_si128((const __m128i *)p);
-    if (fmt == FMT_INT8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x));
-    __m256i u = _mm256_cvtepu8_epi16(x);
-    if (fmt == FMT_E5M2) return _mm512_cvtph_ps(_mm256_slli_epi16(u, 8));
-    __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x80)), 8),
-                                _mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x7f)), 7));
-    return _mm512_cvtph_ps(h);
+/* 32 stored values -> 32 16-bit lanes, exactly: bf16 for bf16 and fp8 rows, int16 for int8 rows */
+static inline __m512i ld32(const uint8_t *p, int fmt) {
+    if (fmt == FMT_BF16) return _mm512_loadu_si512(p);
+    __m256i x = _mm256_loadu_si256((const __m256i *)p);
+    if (fmt == FMT_INT8) return _mm512_cvtepi8_epi16(x);
+    __m512i u = _mm512_cvtepu8_epi16(x), h;
+    if (fmt == FMT_E5M2) h = _mm512_slli_epi16(u, 8);
+    else h = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(u, _mm512_set1_epi16(0x80)), 8),
+                             _mm512_slli_epi16(_mm512_and_si512(u, _mm512_set1_epi16(0x7f)), 7));
+    __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h)), hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
-static inline __m512 bf16_round(__m512 x) {                       /* x rounded to bf16, as fp32 */
-    __m256i b = (__m256i)_mm512_cvtneps_pbh(x);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+static inline __m512 dp(__m512 acc, __m512i x, __m512i y, int fmt) { /* acc += pairwise x . y */
+    if (fmt == FMT_INT8) return (__m512)_mm512_dpwssd_epi32((__m512i)acc, x, y);
+    return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)y);
 }
 
-static inline __m512 dq16(const uint8_t *p, int fmt, __m512 scale) { /* 16 values decoded as cache.read does */
-    if (fmt == FMT_BF16) return bf16x16_to_f32(p);
-    return bf16_round(_mm512_mul_ps(q16_to_f32(p, fmt), scale));
-}
-
-static inline __m512bh dq32_bf16(const uint8_t *p, int fmt, __m512 scale) { /* 32 decoded values as bf16 */
-    if (fmt == FMT_BF16) return (__m512bh)_mm512_loadu_si512(p);
-    return _mm512_cvtne2ps_pbh(_mm512_mul_ps(q16_to_f32(p + 16, fmt), scale), _mm512_mul_ps(q16_to_f32(p, fmt), scale));
-}
-
-/* the factor a row's decoded values are multiplied by */
+/* the factor a row's stored values are multiplied by */
 static inline float row_scale(const uint8_t *row, int64_t width, int fmt, const float *head_scale, int h) {
     if (fmt == FMT_INT8) { uint16_t sc; memcpy(&sc, row + width - 2, 2); return f16_to_f32(sc); }
     if (fmt == FMT_E4M3) return head_scale[h] * 256.f;
@@ -264,15 +270,94 @@ static inline float row_scale(const uint8_t *row, int64_t width, int fmt, const 
 
 static int fast_path_applies(const decode_args *a) {
     const int kf = a->kfmt, vf = a->vfmt;
-    const int ok_k = kf == FMT_BF16 || kf == FMT_INT8 || kf == FMT_E4M3 || kf == FMT_E5M2;
-    const int ok_v = vf == FMT_BF16 || vf == FMT_INT8 || vf == FMT_E4M3 || vf == FMT_E5M2;
+    const int ok = kf == FMT_BF16 || kf == FMT_INT8 || kf == FMT_E4M3 || kf == FMT_E5M2;
     const int64_t k_bytes = (int64_t)a->D * elem_size(kf) + (kf == FMT_INT8 ? 2 : 0);
-    return a->dtype == FMT_BF16 && ok_k && ok_v && kf == vf && a->D % 32 == 0 && a->Dv % 64 == 0 && a->k_width == k_bytes
+    return a->dtype == FMT_BF16 && ok && kf == vf && a->D % 32 == 0 && a->Dv % 64 == 0 && a->k_width == k_bytes
            && a->v_width >= (int64_t)a->Dv * elem_size(vf)  /* MLA: V is the first Dv channels of K's row */
-           && ((kf != FMT_E4M3 && kf != FMT_E5M2) || a->k_scale) && ((vf != FMT_E4M3 && vf != FMT_E5M2) || a->v_scale);
+           && ((kf != FMT_E4M3 && kf != FMT_E5M2) || (a->k_scale && a->v_scale));
 }
 
-/* one sequence b, KV heads [h0, h1): all rows of those heads, one pass over their tokens */
+/* floats of workspace per KV head: q [R4, D] 16-bit | acc [R4, Dv] | qs, m, l [R4] | s [R4, TILE] |
+ * w [R4, TILE / 2] weight pairs; a multiple of 16 so that every head's block stays 64-byte aligned */
+static inline size_t ws_per_head(int R4, int D, int Dv) {
+    return ((size_t)R4 * D / 2 + (size_t)R4 * Dv + 3 * (size_t)R4 + (size_t)R4 * TILE + (size_t)R4 * TILE / 2 + 15) & ~(size_t)15;
+}
+
+/* s[r][i] (+)= q_r . k_i for four rows r over the tile's n keys, dims [c0, c0 + 32 NC) */
+static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int D, int c0, const int NC,
+                                                          const uint8_t *const *kh, int n, const int KF, float *s,
+                                                          int first, const char *const *pf, int64_t pf_k, int64_t pf_v) {
+    __m512i q0[4], q1[4], q2[4], q3[4];
+    for (int c = 0; c < NC; c++) {
+        q0[c] = _mm512_loadu_si512(q + 0 * (size_t)D + c0 + 32 * c);
+        q1[c] = _mm512_loadu_si512(q + 1 * (size_t)D + c0 + 32 * c);
+        q2[c] = _mm512_loadu_si512(q + 2 * (size_t)D + c0 + 32 * c);
+        q3[c] = _mm512_loadu_si512(q + 3 * (size_t)D + c0 + 32 * c);
+    }
+    const int es = elem_size(KF);
+    for (int i = 0; i < n; i++) {
+        if (pf) {                                /* the rows of this head PREFETCH tokens ahead */
+            for (int64_t c = 0; c < pf_k; c += 64) _mm_prefetch(pf[2 * i] + c, _MM_HINT_T1);
+            for (int64_t c = 0; c < pf_v; c += 64) _mm_prefetch(pf[2 * i + 1] + c, _MM_HINT_T1);
+        }
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int c = 0; c < NC; c++) {
+            __m512i kv = ld32(kh[i] + (size_t)es * (c0 + 32 * c), KF);
+            a0 = dp(a0, q0[c], kv, KF); a1 = dp(a1, q1[c], kv, KF);
+            a2 = dp(a2, q2[c], kv, KF); a3 = dp(a3, q3[c], kv, KF);
+        }
+        float t[4];
+        _mm_storeu_ps(t, KF == FMT_INT8 ? reduce4i(a0, a1, a2, a3) : reduce4(a0, a1, a2, a3));
+        if (first) { s[i] = t[0]; s[TILE + i] = t[1]; s[2 * TILE + i] = t[2]; s[3 * TILE + i] = t[3]; }
+        else { s[i] += t[0]; s[TILE + i] += t[1]; s[2 * TILE + i] += t[2]; s[3 * TILE + i] += t[3]; }
+    }
+}
+
+/* acc[r] += sum over token pairs of w[r][pair] . (v_2k, v_2k+1), four rows, dims [d, d + 64). acc is
+ * fp32 in the interleaved order; int8 rows accumulate in int32 and add wscale[r] times the sum. */
+static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d, const uint32_t *w, const float *wscale,
+                                                      const uint8_t *const *vh, int npairs, const int VF) {
+    const int es = elem_size(VF);
+    float *a0 = acc + d, *a1 = a0 + Dv, *a2 = a1 + Dv, *a3 = a2 + Dv;
+    __m512 x[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++)
+            x[r][c] = VF == FMT_INT8 ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + (size_t)r * Dv + d + 16 * c);
+    for (int k = 0; k < npairs; k++) {
+        const uint8_t *va = vh[2 * k] + (size_t)es * d, *vb = vh[2 * k + 1] + (size_t)es * d;
+        __m512i A0 = ld32(va, VF), B0 = ld32(vb, VF), A1 = ld32(va + 32 * es, VF), B1 = ld32(vb + 32 * es, VF);
+        __m512i L0 = _mm512_unpacklo_epi16(A0, B0), H0 = _mm512_unpackhi_epi16(A0, B0);
+        __m512i L1 = _mm512_unpacklo_epi16(A1, B1), H1 = _mm512_unpackhi_epi16(A1, B1);
+        for (int r = 0; r < 4; r++) {
+            __m512i wr = _mm512_set1_epi32((int)w[(size_t)r * (TILE / 2) + k]);
+            x[r][0] = dp(x[r][0], L0, wr, VF); x[r][1] = dp(x[r][1], H0, wr, VF);
+            x[r][2] = dp(x[r][2], L1, wr, VF); x[r][3] = dp(x[r][3], H1, wr, VF);
+        }
+    }
+    float *rows[4] = {a0, a1, a2, a3};
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) {
+            if (VF == FMT_INT8)
+                _mm512_storeu_ps(rows[r] + 16 * c, _mm512_fmadd_ps(_mm512_set1_ps(wscale[r]), _mm512_cvtepi32_ps((__m512i)x[r][c]),
+                                                                   _mm512_loadu_ps(rows[r] + 16 * c)));
+            else
+                _mm512_storeu_ps(rows[r] + 16 * c, x[r][c]);
+        }
+}
+
+/* an accumulator row from the interleaved order of pv4 (per 32 dims: the unpacklo lanes, then the
+ * unpackhi lanes) back to dims in order, times `mul` */
+static inline void unpermute(float *dst, const float *acc, int Dv, float mul) {
+    const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    const __m512 vm = _mm512_set1_ps(mul);
+    for (int c = 0; c < Dv; c += 32) {
+        __m512 lo = _mm512_loadu_ps(acc + c), hi = _mm512_loadu_ps(acc + c + 16);
+        _mm512_storeu_ps(dst + c, _mm512_mul_ps(vm, _mm512_permutex2var_ps(lo, i0, hi)));
+        _mm512_storeu_ps(dst + c + 16, _mm512_mul_ps(vm, _mm512_permutex2var_ps(lo, i1, hi)));
+    }
+}
+
 /* Keys [split * SPLIT, (split + 1) * SPLIT) of sequence b for KV heads [h0, h1). With partial == NULL
  * the item covers the whole sequence and stores the output; otherwise it stores its unnormalized
  * accumulator, running max and denominator there ([NH][R][Dv + 2]) for merge_splits(). */
@@ -280,25 +365,44 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                                                                    int split, float *partial, const int KF, const int VF) {
     const int G = a->Hq / a->Hkv, q0 = a->cu_q[b], ql = a->cu_q[b + 1] - q0, S = a->seq_lens[b];
     const int R = ql * G, R4 = (R + 3) & ~3, D = a->D, Dv = a->Dv, NH = h1 - h0;
-    /* workspace per head: q bf16 [R4, D] | acc [R4, Dv] | m, l [R4] | s [R4, TILE] (scores, then p) */
-    const size_t per_head = (size_t)R4 * D / 2 + (size_t)R4 * Dv + 2 * (size_t)R4 + (size_t)R4 * TILE;
-    int pos_first = S - ql;
+    const size_t per_head = ws_per_head(R4, D, Dv);
+#define WS_Q(hh) ((uint16_t *)(ws + (hh) * per_head))
+#define WS_ACC(hh) (ws + (hh) * per_head + (size_t)R4 * D / 2)
+#define WS_QS(hh) (WS_ACC(hh) + (size_t)R4 * Dv)
+#define WS_M(hh) (WS_QS(hh) + R4)
+#define WS_L(hh) (WS_M(hh) + R4)
+#define WS_S(hh) (WS_L(hh) + R4)
+#define WS_W(hh) ((uint32_t *)(WS_S(hh) + (size_t)R4 * TILE))
+    const int pos_first = S - ql;
     for (int hh = 0; hh < NH; hh++) {
-        float *base = ws + hh * per_head;
-        uint16_t *qb = (uint16_t *)base;
-        float *acc = base + (size_t)R4 * D / 2, *m = acc + (size_t)R4 * Dv, *l = m + R4;
         const int h = h0 + hh;
+        uint16_t *qb = WS_Q(hh);
+        float *qs = WS_QS(hh), *m = WS_M(hh), *l = WS_L(hh);
         memset(qb, 0, sizeof(uint16_t) * (size_t)R4 * D);
+        for (int r = 0; r < R4; r++) qs[r] = 0.f;
         for (int r = 0; r < R; r++) {
-            int t = r / G, g = r % G, hq = h * G + g;
-            memcpy(qb + (size_t)r * D, (const uint16_t *)a->q + ((size_t)(q0 + t) * a->Hq + hq) * D, 2 * (size_t)D);
+            const int t = r / G, hq = h * G + r % G;
+            const uint16_t *src = (const uint16_t *)a->q + ((size_t)(q0 + t) * a->Hq + hq) * D;
+            const float ks = KF == FMT_INT8 ? 1.f : row_scale(NULL, 0, KF, a->k_scale, h);
+            if (KF != FMT_INT8) {                /* bf16 query as given */
+                memcpy(qb + (size_t)r * D, src, 2 * (size_t)D);
+                qs[r] = a->scale * ks;
+            } else {                             /* int16 query: q = Q * round(q / Q), Q = max |q| / 32767 */
+                float mx = 0.f;
+                for (int d = 0; d < D; d++) { float v = fabsf(bf16_to_f32(src[d])); mx = v > mx ? v : mx; }
+                const float inv = mx > 0.f ? 32767.f / mx : 0.f;
+                for (int d = 0; d < D; d++) qb[(size_t)r * D + d] = (uint16_t)(int16_t)lrintf(bf16_to_f32(src[d]) * inv);
+                qs[r] = a->scale * (mx / 32767.f);
+            }
         }
         for (int r = 0; r < R4; r++) {
-            int hq = h * G + (r % G);
+            const int hq = h * G + (r % G);
             m[r] = (r < R && a->sinks && split == 0) ? a->sinks[hq] : -INFINITY;  /* the sink counts once */
             l[r] = (r < R && a->sinks && split == 0) ? 1.f : 0.f;
         }
-        memset(acc, 0, sizeof(float) * (size_t)R4 * Dv);
+        memset(WS_ACC(hh), 0, sizeof(float) * (size_t)R4 * Dv);
+        memset(WS_W(hh), 0, sizeof(uint32_t) * (size_t)R4 * (TILE / 2));
+        memset(WS_S(hh), 0, sizeof(float) * (size_t)R4 * TILE);
     }
     int hi = S < (split + 1) * SPLIT ? S : (split + 1) * SPLIT;
     int lo = a->window >= 0 ? (pos_first - a->window > 0 ? pos_first - a->window : 0) : 0;
@@ -306,72 +410,63 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     const int32_t *table = a->block_table + (int64_t)b * a->bt_stride;
     const int64_t kb = (int64_t)a->bs * a->Hkv * a->k_width, vb = (int64_t)a->bs * a->Hkv * a->v_width;
     const int64_t kt = (int64_t)a->Hkv * a->k_width, vt = (int64_t)a->Hkv * a->v_width;
-    const __m512 vscale = _mm512_set1_ps(a->scale);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const uint8_t *krow[TILE], *vrow[TILE];
+    const uint8_t *krow[TILE], *vrow[TILE], *kh[TILE], *vh[TILE + 1];
+    const char *pf[2 * TILE];
     for (int j0 = lo; j0 < hi; j0 += TILE) {
-        const int n = hi - j0 < TILE ? hi - j0 : TILE;
+        const int n = hi - j0 < TILE ? hi - j0 : TILE, npairs = (n + 1) / 2;
         if (a->rows_read) __atomic_fetch_add(a->rows_read, (int64_t)n * NH, __ATOMIC_RELAXED);
         for (int i = 0; i < n; i++) {
-            int j = j0 + i;
-            int64_t blk = table[j / a->bs], off = j % a->bs;
+            const int j = j0 + i;
+            const int64_t blk = table[j / a->bs], off = j % a->bs;
             krow[i] = a->k + blk * kb + off * kt;
             vrow[i] = a->v + blk * vb + off * vt;
+            int jp = j + PREFETCH < hi ? j + PREFETCH : hi - 1;
+            const int64_t pblk = table[jp / a->bs], poff = jp % a->bs;
+            pf[2 * i] = (const char *)(a->k + pblk * kb + poff * kt);
+            pf[2 * i + 1] = (const char *)(a->v + pblk * vb + poff * vt);
         }
-        if (j0 + TILE < hi) {                 /* prefetch the next tile's rows of these heads into L2 */
-            const int n2 = hi - j0 - TILE < TILE ? hi - j0 - TILE : TILE;
-            for (int i = 0; i < n2; i++) {
-                int j = j0 + TILE + i;
-                int64_t blk = table[j / a->bs], off = j % a->bs;
-                const char *kp = (const char *)(a->k + blk * kb + off * kt + (int64_t)h0 * a->k_width);
-                const char *vp = (const char *)(a->v + blk * vb + off * vt + (int64_t)h0 * a->v_width);
-                for (int64_t c = 0; c < (int64_t)NH * a->k_width; c += 64) _mm_prefetch(kp + c, _MM_HINT_T1);
-                for (int64_t c = 0; c < (int64_t)NH * a->v_width; c += 64) _mm_prefetch(vp + c, _MM_HINT_T1);
-            }
-        }
-        /* scores s[r][i] = scale * q_r . k_i, four rows at a time; token-major over the tile so that a
-         * token's rows of all the group's heads (contiguous in a block) are read in address order */
-        for (int i = 0; i < n; i++)
-            for (int hh = 0; hh < NH; hh++) {
-                const int h = h0 + hh;
-                const uint16_t *qb = (const uint16_t *)(ws + hh * per_head);
-                float *s = ws + hh * per_head + (size_t)R4 * D / 2 + (size_t)R4 * Dv + 2 * (size_t)R4;
-                const uint8_t *kp = krow[i] + (int64_t)h * a->k_width;
-                const __m512 ks = _mm512_set1_ps(row_scale(kp, a->k_width, KF, a->k_scale, h));
-                const int kes = elem_size(KF);
-                for (int r = 0; r < R4; r += 4) {
-                    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-                    for (int d = 0; d < D; d += 32) {
-                        __m512bh kv = dq32_bf16(kp + kes * d, KF, ks);
-                        c0 = _mm512_dpbf16_ps(c0, (__m512bh)_mm512_loadu_si512(qb + (size_t)(r + 0) * D + d), kv);
-                        c1 = _mm512_dpbf16_ps(c1, (__m512bh)_mm512_loadu_si512(qb + (size_t)(r + 1) * D + d), kv);
-                        c2 = _mm512_dpbf16_ps(c2, (__m512bh)_mm512_loadu_si512(qb + (size_t)(r + 2) * D + d), kv);
-                        c3 = _mm512_dpbf16_ps(c3, (__m512bh)_mm512_loadu_si512(qb + (size_t)(r + 3) * D + d), kv);
-                    }
-                    __m128 sc = reduce4(c0, c1, c2, c3);
-                    float tmp[4];
-                    _mm_storeu_ps(tmp, sc);
-                    s[(size_t)(r + 0) * TILE + i] = tmp[0];
-                    s[(size_t)(r + 1) * TILE + i] = tmp[1];
-                    s[(size_t)(r + 2) * TILE + i] = tmp[2];
-                    s[(size_t)(r + 3) * TILE + i] = tmp[3];
-                }
-            }
+        const __mmask16 valid = (__mmask16)((1u << n) - 1u);
+        const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(j0), lane);
         for (int hh = 0; hh < NH; hh++) {
             const int h = h0 + hh;
-            float *base = ws + hh * per_head;
-            float *acc = base + (size_t)R4 * D / 2, *m = acc + (size_t)R4 * Dv, *l = m + R4, *s = l + R4;
-            float vsc[TILE] = {0};           /* each row's V scale (1 for bf16) */
-            if (VF == FMT_BF16)
-                for (int i = 0; i < n; i++) vsc[i] = 1.f;
-            else
-                for (int i = 0; i < n; i++) vsc[i] = row_scale(vrow[i] + (int64_t)h * a->v_width, a->v_width, VF, a->v_scale, h);
-            /* softmax update per row over the tile */
-            const __mmask16 valid = (__mmask16)((1u << n) - 1u);
-            const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(j0), lane);
+            uint16_t *qb = WS_Q(hh);
+            float *acc = WS_ACC(hh), *qs = WS_QS(hh), *m = WS_M(hh), *l = WS_L(hh), *s = WS_S(hh);
+            uint32_t *w = WS_W(hh);
+            for (int i = 0; i < n; i++) {
+                kh[i] = krow[i] + (int64_t)h * a->k_width;
+                vh[i] = vrow[i] + (int64_t)h * a->v_width;
+            }
+            vh[n] = zero_row;
+            const char *pfh[2 * TILE];
+            for (int i = 0; i < 2 * n; i++) pfh[i] = pf[i] + (int64_t)h * (i & 1 ? a->v_width : a->k_width);
+            /* scores: four rows at a time, up to 128 dims of their queries in registers */
+            for (int r = 0; r < R4; r += 4)
+                for (int c0 = 0; c0 < D; c0 += 128) {
+                    const int first = c0 == 0;
+                    const char *const *p = r == 0 && c0 == 0 ? pfh : NULL;
+                    const int64_t pk = a->k_width, pv = a->v_width;
+                    float *sr = s + (size_t)r * TILE;
+                    switch ((D - c0) / 32 < 4 ? (D - c0) / 32 : 4) {
+                    case 1: scores4(qb + (size_t)r * D, D, c0, 1, kh, n, KF, sr, first, p, pk, pv); break;
+                    case 2: scores4(qb + (size_t)r * D, D, c0, 2, kh, n, KF, sr, first, p, pk, pv); break;
+                    case 3: scores4(qb + (size_t)r * D, D, c0, 3, kh, n, KF, sr, first, p, pk, pv); break;
+                    default: scores4(qb + (size_t)r * D, D, c0, 4, kh, n, KF, sr, first, p, pk, pv); break;
+                    }
+                }
+            /* softmax update per row over the tile; the weights as bf16 (int8 rows: int16) pairs */
+            __m512 kmul = _mm512_set1_ps(1.f), vmul = _mm512_set1_ps(1.f);
+            if (KF == FMT_INT8) {
+                float t[TILE];
+                for (int i = 0; i < TILE; i++) t[i] = i < n ? row_scale(kh[i], a->k_width, KF, NULL, h) : 0.f;
+                kmul = _mm512_loadu_ps(t);
+                for (int i = 0; i < TILE; i++) t[i] = i < n ? row_scale(vh[i], a->v_width, VF, NULL, h) : 0.f;
+                vmul = _mm512_loadu_ps(t);
+            }
+            float wscale[MAX_ROWS];
             for (int r = 0; r < R; r++) {
                 const int p_r = pos_first + r / G, hq = h * G + r % G;
-                __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, s + (size_t)r * TILE), vscale);
+                __m512 x = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(valid, s + (size_t)r * TILE), kmul), _mm512_set1_ps(qs[r]));
                 if (a->softcap > 0.f) x = softcap512(x, a->softcap);
                 if (a->alibi) {
                     __m512 dist = _mm512_abs_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(p_r), jv)));
@@ -381,71 +476,56 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 if (a->causal) vis &= _mm512_cmple_epi32_mask(jv, _mm512_set1_epi32(p_r));
                 if (a->window >= 0) vis &= _mm512_cmpge_epi32_mask(jv, _mm512_set1_epi32(p_r - a->window));
                 x = _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), x);
-                float mt = _mm512_reduce_max_ps(x);
-                float m_new = mt > m[r] ? mt : m[r];
-                float *pr = s + (size_t)r * TILE;
-                if (m_new == -INFINITY) { _mm512_storeu_ps(pr, _mm512_setzero_ps()); continue; }
-                __m512 p = _mm512_maskz_mov_ps(vis, exp512(_mm512_sub_ps(x, _mm512_set1_ps(m_new))));
-                float alpha = expf(m[r] - m_new);
+                const float mt = _mm512_reduce_max_ps(x), m_new = mt > m[r] ? mt : m[r];
+                uint32_t *wr = w + (size_t)r * (TILE / 2);
+                wscale[r] = 0.f;
+                if (m_new == -INFINITY) { memset(wr, 0, sizeof(uint32_t) * (TILE / 2)); continue; }  /* nothing visible yet */
+                const __m512 p = _mm512_maskz_mov_ps(vis, exp512(_mm512_sub_ps(x, _mm512_set1_ps(m_new))));
+                const float alpha = expf(m[r] - m_new);
                 l[r] = l[r] * alpha + _mm512_reduce_add_ps(p);
                 m[r] = m_new;
-                _mm512_storeu_ps(pr, p);
                 if (alpha != 1.f) scal(acc + (size_t)r * Dv, alpha, Dv);
-            }
-            for (int r = R; r < R4; r++) _mm512_storeu_ps(s + (size_t)r * TILE, _mm512_setzero_ps());
-            /* acc[r] += sum_i p[r][i] * v_i, four rows x 64 dims in registers */
-            for (int r = 0; r < R4; r += 4) {
-                const float *p0 = s + (size_t)r * TILE, *p1 = p0 + TILE, *p2 = p1 + TILE, *p3 = p2 + TILE;
-                for (int d = 0; d < Dv; d += 64) {
-                    float *a0 = acc + (size_t)r * Dv + d, *a1 = a0 + Dv, *a2 = a1 + Dv, *a3 = a2 + Dv;
-                    __m512 x00 = _mm512_loadu_ps(a0), x01 = _mm512_loadu_ps(a0 + 16), x02 = _mm512_loadu_ps(a0 + 32), x03 = _mm512_loadu_ps(a0 + 48);
-                    __m512 x10 = _mm512_loadu_ps(a1), x11 = _mm512_loadu_ps(a1 + 16), x12 = _mm512_loadu_ps(a1 + 32), x13 = _mm512_loadu_ps(a1 + 48);
-                    __m512 x20 = _mm512_loadu_ps(a2), x21 = _mm512_loadu_ps(a2 + 16), x22 = _mm512_loadu_ps(a2 + 32), x23 = _mm512_loadu_ps(a2 + 48);
-                    __m512 x30 = _mm512_loadu_ps(a3), x31 = _mm512_loadu_ps(a3 + 16), x32 = _mm512_loadu_ps(a3 + 32), x33 = _mm512_loadu_ps(a3 + 48);
-                    for (int i = 0; i < n; i++) {
-                        const int ves = elem_size(VF);
-                        const uint8_t *vp = vrow[i] + (int64_t)h * a->v_width + ves * d;
-                        const __m512 vs = _mm512_set1_ps(vsc[i]);
-                        __m512 v0 = dq16(vp, VF, vs), v1 = dq16(vp + 16 * ves, VF, vs);
-                        __m512 v2 = dq16(vp + 32 * ves, VF, vs), v3 = dq16(vp + 48 * ves, VF, vs);
-                        __m512 w = _mm512_set1_ps(p0[i]);
-                        x00 = _mm512_fmadd_ps(w, v0, x00); x01 = _mm512_fmadd_ps(w, v1, x01); x02 = _mm512_fmadd_ps(w, v2, x02); x03 = _mm512_fmadd_ps(w, v3, x03);
-                        w = _mm512_set1_ps(p1[i]);
-                        x10 = _mm512_fmadd_ps(w, v0, x10); x11 = _mm512_fmadd_ps(w, v1, x11); x12 = _mm512_fmadd_ps(w, v2, x12); x13 = _mm512_fmadd_ps(w, v3, x13);
-                        w = _mm512_set1_ps(p2[i]);
-                        x20 = _mm512_fmadd_ps(w, v0, x20); x21 = _mm512_fmadd_ps(w, v1, x21); x22 = _mm512_fmadd_ps(w, v2, x22); x23 = _mm512_fmadd_ps(w, v3, x23);
-                        w = _mm512_set1_ps(p3[i]);
-                        x30 = _mm512_fmadd_ps(w, v0, x30); x31 = _mm512_fmadd_ps(w, v1, x31); x32 = _mm512_fmadd_ps(w, v2, x32); x33 = _mm512_fmadd_ps(w, v3, x33);
-                    }
-                    _mm512_storeu_ps(a0, x00); _mm512_storeu_ps(a0 + 16, x01); _mm512_storeu_ps(a0 + 32, x02); _mm512_storeu_ps(a0 + 48, x03);
-                    _mm512_storeu_ps(a1, x10); _mm512_storeu_ps(a1 + 16, x11); _mm512_storeu_ps(a1 + 32, x12); _mm512_storeu_ps(a1 + 48, x13);
-                    _mm512_storeu_ps(a2, x20); _mm512_storeu_ps(a2 + 16, x21); _mm512_storeu_ps(a2 + 32, x22); _mm512_storeu_ps(a2 + 48, x23);
-                    _mm512_storeu_ps(a3, x30); _mm512_storeu_ps(a3 + 16, x31); _mm512_storeu_ps(a3 + 32, x32); _mm512_storeu_ps(a3 + 48, x33);
+                if (VF == FMT_INT8) {            /* weight p * row scale, as int16 against the tile's largest */
+                    const __m512 pw = _mm512_mul_ps(p, vmul);
+                    const float wmax = _mm512_reduce_max_ps(pw);
+                    const __m512i wi = _mm512_cvtps_epi32(_mm512_mul_ps(pw, _mm512_set1_ps(wmax > 0.f ? 32767.f / wmax : 0.f)));
+                    _mm256_storeu_si256((__m256i *)wr, _mm512_cvtsepi32_epi16(wi));
+                    wscale[r] = wmax / 32767.f;
+                } else {
+                    _mm256_storeu_si256((__m256i *)wr, (__m256i)_mm512_cvtneps_pbh(p));
                 }
             }
+            for (int r = 0; r < R4; r += 4)
+                for (int d = 0; d < Dv; d += 64)
+                    pv4(acc + (size_t)r * Dv, Dv, d, w + (size_t)r * (TILE / 2), wscale + r, vh, npairs, VF);
         }
     }
     for (int hh = 0; hh < NH; hh++) {
         const int h = h0 + hh;
-        float *base = ws + hh * per_head;
-        float *acc = base + (size_t)R4 * D / 2, *m = acc + (size_t)R4 * Dv, *l = m + R4;
-        if (partial) {
-            for (int r = 0; r < R; r++) {
+        const float *acc = WS_ACC(hh), *m = WS_M(hh), *l = WS_L(hh);
+        const float vs = VF == FMT_INT8 ? 1.f : row_scale(NULL, 0, VF, a->v_scale, h);
+        float o[MAX_DIM];
+        for (int r = 0; r < R; r++) {
+            if (partial) {
                 float *dst = partial + ((size_t)hh * R + r) * (Dv + 2);
-                memcpy(dst, acc + (size_t)r * Dv, sizeof(float) * Dv);
+                unpermute(dst, acc + (size_t)r * Dv, Dv, vs);
                 dst[Dv] = m[r];
                 dst[Dv + 1] = l[r];
+                continue;
             }
-            continue;
-        }
-        for (int r = 0; r < R; r++) {
-            int t = r / G, hq = h * G + r % G;
-            float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-            scal(acc + (size_t)r * Dv, inv, Dv);
-            store_row((uint16_t *)a->out + ((size_t)(q0 + t) * a->Hq + hq) * Dv, acc + (size_t)r * Dv, a->dtype, Dv);
+            const int t = r / G, hq = h * G + r % G;
+            unpermute(o, acc + (size_t)r * Dv, Dv, l[r] > 0.f ? vs / l[r] : 0.f);
+            store_row((uint16_t *)a->out + ((size_t)(q0 + t) * a->Hq + hq) * Dv, o, a->dtype, Dv);
             if (a->lse) a->lse[(size_t)(q0 + t) * a->Hq + hq] = l[r] > 0.f ? m[r] + logf(l[r]) : -INFINITY;
         }
     }
+#undef WS_Q
+#undef WS_ACC
+#undef WS_QS
+#undef WS_M
+#undef WS_L
+#undef WS_S
+#undef WS_W
 }
 
 static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float *ws, int split, float *partial) {
@@ -530,8 +610,7 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
         }
         const int items = first[a->B];
         float *partials = poff[a->B] ? (float *)malloc(sizeof(float) * (size_t)poff[a->B]) : NULL;
-        const size_t per_head = (size_t)R4 * a->D / 2 + (size_t)R4 * a->Dv + 2 * (size_t)R4 + (size_t)R4 * TILE;
-        const size_t bytes = (per_head * hpg * sizeof(float) + 4095) / 64 * 64;
+        const size_t bytes = (ws_per_head(R4, a->D, a->Dv) * hpg * sizeof(float) + 4095) / 64 * 64;
 #ifdef _OPENMP
         #pragma omp parallel num_threads(num_threads)
 #endif
