@@ -28,7 +28,7 @@
 #endif
 
 enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_INT8 = 3, FMT_E4M3 = 4, FMT_E5M2 = 5 };
-enum { TILE = 16, MAX_ROWS = 256, MAX_DIM = 1024, SPLIT = 512 };  /* SPLIT: keys per split, a multiple of TILE */
+enum { TILE = 16, MAX_ROWS = 256, MAX_DIM = 1024, SPLIT = 512 };  /* SPLIT: keys per split of the AVX-512 path */
 
 typedef struct {
     const void *q;           /* [T, Hq, D] in the model dtype */
@@ -215,7 +215,10 @@ static void decode_item(const decode_args *a, int b, int h, float *ws) {
  * scales multiply the fp32 scores and weights, never the stored values, so every stored value enters
  * the products exactly. Prefetch: while it reads a tile, each head asks for its rows PREFETCH tokens
  * ahead, a few lines per token, so the memory system never idles while the core computes. */
-enum { PREFETCH = 16 };
+/* FT: the longest tile (SPLIT is a multiple); a format's tile holds about 16 KiB of one head's K and V
+ * rows, so it stays in L1 between the scores and P.V: 32 tokens of bf16 rows, 64 of 8-bit rows */
+enum { FT = 64, NUMAX = FT / 16, PREFETCH = 16 };
+static inline int tile_len(int fmt) { return fmt == FMT_BF16 ? 32 : 64; }
 
 static const uint8_t zero_row[2 * MAX_DIM] __attribute__((aligned(64)));  /* pads a tile's odd token */
 
@@ -277,10 +280,10 @@ static int fast_path_applies(const decode_args *a) {
            && ((kf != FMT_E4M3 && kf != FMT_E5M2) || (a->k_scale && a->v_scale));
 }
 
-/* floats of workspace per KV head: q [R4, D] 16-bit | acc [R4, Dv] | qs, m, l [R4] | s [R4, TILE] |
- * w [R4, TILE / 2] weight pairs; a multiple of 16 so that every head's block stays 64-byte aligned */
+/* floats of workspace per KV head: q [R4, D] 16-bit | acc [R4, Dv] | qs, m, l [R4] | s [R4, FT] |
+ * w [R4, FT / 2] weight pairs; a multiple of 16 so that every head's block stays 64-byte aligned */
 static inline size_t ws_per_head(int R4, int D, int Dv) {
-    return ((size_t)R4 * D / 2 + (size_t)R4 * Dv + 3 * (size_t)R4 + (size_t)R4 * TILE + (size_t)R4 * TILE / 2 + 15) & ~(size_t)15;
+    return ((size_t)R4 * D / 2 + (size_t)R4 * Dv + 3 * (size_t)R4 + (size_t)R4 * FT + (size_t)R4 * FT / 2 + 15) & ~(size_t)15;
 }
 
 /* s[r][i] (+)= q_r . k_i for four rows r over the tile's n keys, dims [c0, c0 + 32 NC) */
@@ -308,8 +311,8 @@ static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int
         }
         float t[4];
         _mm_storeu_ps(t, KF == FMT_INT8 ? reduce4i(a0, a1, a2, a3) : reduce4(a0, a1, a2, a3));
-        if (first) { s[i] = t[0]; s[TILE + i] = t[1]; s[2 * TILE + i] = t[2]; s[3 * TILE + i] = t[3]; }
-        else { s[i] += t[0]; s[TILE + i] += t[1]; s[2 * TILE + i] += t[2]; s[3 * TILE + i] += t[3]; }
+        if (first) { s[i] = t[0]; s[FT + i] = t[1]; s[2 * FT + i] = t[2]; s[3 * FT + i] = t[3]; }
+        else { s[i] += t[0]; s[FT + i] += t[1]; s[2 * FT + i] += t[2]; s[3 * FT + i] += t[3]; }
     }
 }
 
@@ -329,7 +332,7 @@ static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d,
         __m512i L0 = _mm512_unpacklo_epi16(A0, B0), H0 = _mm512_unpackhi_epi16(A0, B0);
         __m512i L1 = _mm512_unpacklo_epi16(A1, B1), H1 = _mm512_unpackhi_epi16(A1, B1);
         for (int r = 0; r < 4; r++) {
-            __m512i wr = _mm512_set1_epi32((int)w[(size_t)r * (TILE / 2) + k]);
+            __m512i wr = _mm512_set1_epi32((int)w[(size_t)r * (FT / 2) + k]);
             x[r][0] = dp(x[r][0], L0, wr, VF); x[r][1] = dp(x[r][1], H0, wr, VF);
             x[r][2] = dp(x[r][2], L1, wr, VF); x[r][3] = dp(x[r][3], H1, wr, VF);
         }
@@ -372,7 +375,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
 #define WS_M(hh) (WS_QS(hh) + R4)
 #define WS_L(hh) (WS_M(hh) + R4)
 #define WS_S(hh) (WS_L(hh) + R4)
-#define WS_W(hh) ((uint32_t *)(WS_S(hh) + (size_t)R4 * TILE))
+#define WS_W(hh) ((uint32_t *)(WS_S(hh) + (size_t)R4 * FT))
     const int pos_first = S - ql;
     for (int hh = 0; hh < NH; hh++) {
         const int h = h0 + hh;
@@ -401,8 +404,8 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             l[r] = (r < R && a->sinks && split == 0) ? 1.f : 0.f;
         }
         memset(WS_ACC(hh), 0, sizeof(float) * (size_t)R4 * Dv);
-        memset(WS_W(hh), 0, sizeof(uint32_t) * (size_t)R4 * (TILE / 2));
-        memset(WS_S(hh), 0, sizeof(float) * (size_t)R4 * TILE);
+        memset(WS_W(hh), 0, sizeof(uint32_t) * (size_t)R4 * (FT / 2));
+        memset(WS_S(hh), 0, sizeof(float) * (size_t)R4 * FT);
     }
     int hi = S < (split + 1) * SPLIT ? S : (split + 1) * SPLIT;
     int lo = a->window >= 0 ? (pos_first - a->window > 0 ? pos_first - a->window : 0) : 0;
@@ -411,10 +414,11 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     const int64_t kb = (int64_t)a->bs * a->Hkv * a->k_width, vb = (int64_t)a->bs * a->Hkv * a->v_width;
     const int64_t kt = (int64_t)a->Hkv * a->k_width, vt = (int64_t)a->Hkv * a->v_width;
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const uint8_t *krow[TILE], *vrow[TILE], *kh[TILE], *vh[TILE + 1];
-    const char *pf[2 * TILE];
-    for (int j0 = lo; j0 < hi; j0 += TILE) {
-        const int n = hi - j0 < TILE ? hi - j0 : TILE, npairs = (n + 1) / 2;
+    const uint8_t *krow[FT], *vrow[FT], *kh[FT], *vh[FT + 1];
+    const char *pf[2 * FT];
+    const int ft = tile_len(KF), NU = ft / 16;
+    for (int j0 = lo; j0 < hi; j0 += ft) {
+        const int n = hi - j0 < ft ? hi - j0 : ft, npairs = (n + 1) / 2;
         if (a->rows_read) __atomic_fetch_add(a->rows_read, (int64_t)n * NH, __ATOMIC_RELAXED);
         for (int i = 0; i < n; i++) {
             const int j = j0 + i;
@@ -426,8 +430,11 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             pf[2 * i] = (const char *)(a->k + pblk * kb + poff * kt);
             pf[2 * i + 1] = (const char *)(a->v + pblk * vb + poff * vt);
         }
-        const __mmask16 valid = (__mmask16)((1u << n) - 1u);
-        const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(j0), lane);
+        __mmask16 valid[NUMAX];
+        for (int u = 0; u < NU; u++) {
+            const int nu = n - 16 * u;
+            valid[u] = (__mmask16)(nu >= 16 ? 0xffffu : nu > 0 ? (1u << nu) - 1u : 0u);
+        }
         for (int hh = 0; hh < NH; hh++) {
             const int h = h0 + hh;
             uint16_t *qb = WS_Q(hh);
@@ -438,7 +445,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 vh[i] = vrow[i] + (int64_t)h * a->v_width;
             }
             vh[n] = zero_row;
-            const char *pfh[2 * TILE];
+            const char *pfh[2 * FT];
             for (int i = 0; i < 2 * n; i++) pfh[i] = pf[i] + (int64_t)h * (i & 1 ? a->v_width : a->k_width);
             /* scores: four rows at a time, up to 128 dims of their queries in registers */
             for (int r = 0; r < R4; r += 4)
@@ -446,7 +453,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                     const int first = c0 == 0;
                     const char *const *p = r == 0 && c0 == 0 ? pfh : NULL;
                     const int64_t pk = a->k_width, pv = a->v_width;
-                    float *sr = s + (size_t)r * TILE;
+                    float *sr = s + (size_t)r * FT;
                     switch ((D - c0) / 32 < 4 ? (D - c0) / 32 : 4) {
                     case 1: scores4(qb + (size_t)r * D, D, c0, 1, kh, n, KF, sr, first, p, pk, pv); break;
                     case 2: scores4(qb + (size_t)r * D, D, c0, 2, kh, n, KF, sr, first, p, pk, pv); break;
@@ -454,50 +461,72 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                     default: scores4(qb + (size_t)r * D, D, c0, 4, kh, n, KF, sr, first, p, pk, pv); break;
                     }
                 }
-            /* softmax update per row over the tile; the weights as bf16 (int8 rows: int16) pairs */
-            __m512 kmul = _mm512_set1_ps(1.f), vmul = _mm512_set1_ps(1.f);
-            if (KF == FMT_INT8) {
-                float t[TILE];
-                for (int i = 0; i < TILE; i++) t[i] = i < n ? row_scale(kh[i], a->k_width, KF, NULL, h) : 0.f;
-                kmul = _mm512_loadu_ps(t);
-                for (int i = 0; i < TILE; i++) t[i] = i < n ? row_scale(vh[i], a->v_width, VF, NULL, h) : 0.f;
-                vmul = _mm512_loadu_ps(t);
+            /* softmax update per row over the tile (two halves of 16); the weights as bf16 (int8 rows:
+             * int16) pairs */
+            __m512 kmul[NUMAX], vmul[NUMAX];
+            for (int u = 0; u < NU; u++) kmul[u] = vmul[u] = _mm512_set1_ps(1.f);
+            if (KF == FMT_INT8) {                /* the rows' fp16 scales, converted 16 at a time */
+                uint16_t tk[FT] = {0}, tv[FT] = {0};
+                for (int i = 0; i < n; i++) {
+                    memcpy(tk + i, kh[i] + a->k_width - 2, 2);
+                    memcpy(tv + i, vh[i] + a->v_width - 2, 2);
+                }
+                for (int u = 0; u < NU; u++) {
+                    kmul[u] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tk + 16 * u)));
+                    vmul[u] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tv + 16 * u)));
+                }
             }
             float wscale[MAX_ROWS];
             for (int r = 0; r < R; r++) {
                 const int p_r = pos_first + r / G, hq = h * G + r % G;
-                __m512 x = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(valid, s + (size_t)r * TILE), kmul), _mm512_set1_ps(qs[r]));
-                if (a->softcap > 0.f) x = softcap512(x, a->softcap);
-                if (a->alibi) {
-                    __m512 dist = _mm512_abs_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(p_r), jv)));
-                    x = _mm512_fnmadd_ps(_mm512_set1_ps(a->alibi[hq]), dist, x);
+                float *sr = s + (size_t)r * FT;
+                __m512 x[NUMAX];
+                __mmask16 vis[NUMAX];
+                for (int u = 0; u < NU; u++) {
+                    const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(j0 + 16 * u), lane);
+                    x[u] = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(valid[u], sr + 16 * u), kmul[u]), _mm512_set1_ps(qs[r]));
+                    if (a->softcap > 0.f) x[u] = softcap512(x[u], a->softcap);
+                    if (a->alibi) {
+                        __m512 dist = _mm512_abs_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(p_r), jv)));
+                        x[u] = _mm512_fnmadd_ps(_mm512_set1_ps(a->alibi[hq]), dist, x[u]);
+                    }
+                    vis[u] = valid[u];
+                    if (a->causal) vis[u] &= _mm512_cmple_epi32_mask(jv, _mm512_set1_epi32(p_r));
+                    if (a->window >= 0) vis[u] &= _mm512_cmpge_epi32_mask(jv, _mm512_set1_epi32(p_r - a->window));
+                    x[u] = _mm512_mask_blend_ps(vis[u], _mm512_set1_ps(-INFINITY), x[u]);
                 }
-                __mmask16 vis = valid;
-                if (a->causal) vis &= _mm512_cmple_epi32_mask(jv, _mm512_set1_epi32(p_r));
-                if (a->window >= 0) vis &= _mm512_cmpge_epi32_mask(jv, _mm512_set1_epi32(p_r - a->window));
-                x = _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), x);
-                const float mt = _mm512_reduce_max_ps(x), m_new = mt > m[r] ? mt : m[r];
-                uint32_t *wr = w + (size_t)r * (TILE / 2);
+                __m512 xm = x[0];
+                for (int u = 1; u < NU; u++) xm = _mm512_max_ps(xm, x[u]);
+                const float mt = _mm512_reduce_max_ps(xm), m_new = mt > m[r] ? mt : m[r];
+                uint32_t *wr = w + (size_t)r * (FT / 2);
                 wscale[r] = 0.f;
-                if (m_new == -INFINITY) { memset(wr, 0, sizeof(uint32_t) * (TILE / 2)); continue; }  /* nothing visible yet */
-                const __m512 p = _mm512_maskz_mov_ps(vis, exp512(_mm512_sub_ps(x, _mm512_set1_ps(m_new))));
-                const float alpha = expf(m[r] - m_new);
-                l[r] = l[r] * alpha + _mm512_reduce_add_ps(p);
+                if (m_new == -INFINITY) { memset(wr, 0, sizeof(uint32_t) * (FT / 2)); continue; }  /* nothing visible yet */
+                const __m512 mn = _mm512_set1_ps(m_new);
+                __m512 pu[NUMAX], psum = _mm512_setzero_ps();
+                for (int u = 0; u < NU; u++) {
+                    pu[u] = _mm512_maskz_mov_ps(vis[u], exp512(_mm512_sub_ps(x[u], mn)));
+                    psum = _mm512_add_ps(psum, pu[u]);
+                }
+                const float alpha = m_new == m[r] ? 1.f : expf(m[r] - m_new);
+                l[r] = l[r] * alpha + _mm512_reduce_add_ps(psum);
                 m[r] = m_new;
                 if (alpha != 1.f) scal(acc + (size_t)r * Dv, alpha, Dv);
                 if (VF == FMT_INT8) {            /* weight p * row scale, as int16 against the tile's largest */
-                    const __m512 pw = _mm512_mul_ps(p, vmul);
-                    const float wmax = _mm512_reduce_max_ps(pw);
-                    const __m512i wi = _mm512_cvtps_epi32(_mm512_mul_ps(pw, _mm512_set1_ps(wmax > 0.f ? 32767.f / wmax : 0.f)));
-                    _mm256_storeu_si256((__m256i *)wr, _mm512_cvtsepi32_epi16(wi));
+                    __m512 wu[NUMAX], wm = _mm512_setzero_ps();
+                    for (int u = 0; u < NU; u++) { wu[u] = _mm512_mul_ps(pu[u], vmul[u]); wm = _mm512_max_ps(wm, wu[u]); }
+                    const float wmax = _mm512_reduce_max_ps(wm);
+                    const __m512 k = _mm512_set1_ps(wmax > 0.f ? 32767.f / wmax : 0.f);
+                    for (int u = 0; u < NU; u++)
+                        _mm256_storeu_si256((__m256i *)(wr + 8 * u), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(wu[u], k))));
                     wscale[r] = wmax / 32767.f;
                 } else {
-                    _mm256_storeu_si256((__m256i *)wr, (__m256i)_mm512_cvtneps_pbh(p));
+                    for (int u = 0; u < NU; u += 2)
+                        _mm512_storeu_si512(wr + 8 * u, (__m512i)_mm512_cvtne2ps_pbh(pu[u + 1], pu[u]));
                 }
             }
             for (int r = 0; r < R4; r += 4)
                 for (int d = 0; d < Dv; d += 64)
-                    pv4(acc + (size_t)r * Dv, Dv, d, w + (size_t)r * (TILE / 2), wscale + r, vh, npairs, VF);
+                    pv4(acc + (size_t)r * Dv, Dv, d, w + (size_t)r * (FT / 2), wscale + r, vh, npairs, VF);
         }
     }
     for (int hh = 0; hh < NH; hh++) {
