@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -34,6 +35,22 @@ class _Args(ctypes.Structure):
         ("causal", ctypes.c_int), ("window", ctypes.c_int), ("rows_read", ctypes.c_void_p),
         ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p),
     ]
+
+
+# per plan (built once per step, reused by every layer): its host arrays as the kernel takes them
+_plan_arrays: weakref.WeakKeyDictionary[Plan, dict[object, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _arrays(plan: Plan, active: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    got = _plan_arrays.get(plan)
+    if got is None:
+        got = {"seq_lens": torch.tensor(plan.seq_lens_host, dtype=torch.int32),
+               "cu_q": torch.tensor(plan.cu_seqlens_q_host, dtype=torch.int32)}
+        _plan_arrays[plan] = got
+    key = tuple(active)
+    if key not in got:
+        got[key] = torch.tensor(active, dtype=torch.uint8)
+    return got["seq_lens"], got["cu_q"], got[key]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -94,9 +111,7 @@ def paged_decode(q: torch.Tensor, storage: object, layer: int, plan: Plan, p: At
     k_scale = None if scales is None else scales[0][layer].contiguous()
     v_scale = None if scales is None else scales[-1][layer].contiguous()
     table = plan.block_table_host
-    seq_lens = torch.tensor(plan.seq_lens_host, dtype=torch.int32)
-    cu_q = torch.tensor(plan.cu_seqlens_q_host, dtype=torch.int32)
-    act = torch.tensor(active, dtype=torch.uint8)
+    seq_lens, cu_q, act = _arrays(plan, active)
     alibi = None if p.alibi_slopes is None else p.alibi_slopes.contiguous()
     sinks = None if p.sinks is None else p.sinks.contiguous()
     args = _Args(
