@@ -182,8 +182,13 @@ def test_run_in_process_reports_every_case_and_baseline() -> None:
             assert {"sdpa-packed", "gather+sdpa"} <= set(names)
             assert c.working_set_bytes >= A.MiB and c.exceeds_llc is False  # TINY stays in cache, and says so
         for r in c.impls:
-            assert r.status == "ok" and len(r.seconds) == TINY.min_reps and r.gbps and r.tflops
-            assert (r.speedup is None) == (r.name == "hal")
+            assert r.status == "ok" and len(r.seconds) == TINY.min_reps and r.gbps
+            assert (r.speedup is None) == (r.name in ("hal", "memcpy"))
+            assert bool(r.tflops) == (r.name != "memcpy")
+        if c.kind != "prefill":  # "% of copy" is against the memcpy timed in the case's own rounds
+            copy = c.impl("memcpy")
+            assert copy is not None and copy.frac_copy_bw == pytest.approx(1.0)
+            assert c.impl("hal").frac_copy_bw == pytest.approx(c.impl("hal").gbps / copy.gbps)
     assert "done in" in stream.getvalue()  # the progress bar, one line per case off a terminal
     text = format_report(rep)
     assert "machine: copy" in text and "hal speedup" in text and "bf16 B2 S64" in text

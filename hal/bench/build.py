@@ -34,6 +34,7 @@ class Impl:
     warm: Callable[[], Any]
     bytes_per_layer: int  # bytes it must read per layer (stored format for hal and gather, model dtype for sdpa)
     flops_per_layer: int
+    whole: bool = False  # run(n) always does the whole measurement (memcpy): never cycled over fewer layers
 
 
 @dataclass
@@ -52,14 +53,34 @@ def _over_layers(fn: Callable[[int], Any]) -> Callable[[int], None]:
     return run
 
 
-def _layer_impls(c: CaseSpec, hal_layer: Callable[[int], Any], sdpa_layer: Callable[[int], Any],
+def _layer_impls(c: CaseSpec, layers: int, hal_layer: Callable[[int], Any], sdpa_layer: Callable[[int], Any],
                  packed_layer: Callable[[int], Any], gather_layer: Callable[[int], Any]) -> dict[str, Impl]:
     """hal and the three baselines of a per-layer case (decode, MLA); hal and gather read the stored
     format, the contiguous SDPA baselines the model dtype."""
     stored, model, flops = c.stored_bytes_per_layer(), c.model_bytes_per_layer(), c.flops_per_layer()
     fns = {"hal": (hal_layer, stored), "sdpa": (sdpa_layer, model), "sdpa-packed": (packed_layer, model),
            "gather+sdpa": (gather_layer, stored)}
-    return {name: Impl(_over_layers(fn), (lambda fn=fn: fn(0)), nbytes, flops) for name, (fn, nbytes) in fns.items()}
+    impls = {name: Impl(_over_layers(fn), (lambda fn=fn: fn(0)), nbytes, flops) for name, (fn, nbytes) in fns.items()}
+    impls[MEMCPY] = _memcpy_impl(layers, layers * c.stored_bytes_per_layer())
+    return impls
+
+
+MEMCPY = "memcpy"  # the machine's copy bandwidth, measured again in every round of a case
+
+
+def _memcpy_impl(layers: int, working_set: int) -> Impl:
+    """``dst.copy_(src)`` over buffers far above the last-level cache, timed in the case's own rounds,
+    so that "% of copy bandwidth" compares with the bandwidth the machine had at that moment (a shared
+    VM's moves by a third between minutes). One run copies the whole buffer; its bytes are spread
+    over the case's layers so that the per-measurement total is the buffer: as many bytes as hal reads,
+    at most the machine probe's buffer."""
+    from hal.bench.machine import copy_buffer_bytes, last_level_cache
+
+    size = max(A.MiB, min(working_set, copy_buffer_bytes(last_level_cache()[0]))) // 4 * 4
+    src = torch.ones(size // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    run = (lambda _n: dst.copy_(src))
+    return Impl(run, lambda: dst.copy_(src), max(1, A.copy_bytes(size) // max(layers, 1)), 0, whole=True)
 
 
 def _paged_layout(batch: int, context: int, block_size: int, gen: torch.Generator
@@ -127,7 +148,7 @@ def _build_decode(c: CaseSpec, backend: Any, device: torch.device, layers: int, 
         vg = vg.view(B, need * s.block_size, s.hkv, s.dv)[:, :S].transpose(1, 2)
         return F.scaled_dot_product_attention(q4, kg, vg, enable_gqa=True)
 
-    impls = _layer_impls(c, hal_layer, sdpa_layer, packed_layer, gather_layer)
+    impls = _layer_impls(c, layers, hal_layer, sdpa_layer, packed_layer, gather_layer)
     shape = dict(model=s.name, hq=s.hq, hkv=s.hkv, head_dim=s.d, v_head_dim=s.dv, block_size=s.block_size,
                  batch=B, context=S, kv_dtype=c.kv_dtype, dtype=c.dtype, layers=layers,
                  pages="randomly permuted", bytes_per_token_layer=cache.bytes_per_token // layers)
@@ -206,7 +227,7 @@ def _build_mla(c: CaseSpec, backend: Any, device: torch.device, layers: int, gen
         kv = torch.cat([c_kv, k_pe], dim=-1).view(B, 1, need * m.block_size, R + P)[:, :, :S]
         return F.scaled_dot_product_attention(q4, kv, kv, scale=scale, enable_gqa=True)[..., :R]
 
-    impls = _layer_impls(c, hal_layer, sdpa_layer, packed_layer, gather_layer)
+    impls = _layer_impls(c, layers, hal_layer, sdpa_layer, packed_layer, gather_layer)
     shape = dict(model=m.name, heads=H, kv_lora_rank=R, rope_dim=P, block_size=m.block_size, batch=B, context=S,
                  kv_dtype=c.kv_dtype, dtype=c.dtype, layers=layers, pages="randomly permuted",
                  bytes_per_token_layer=cache.bytes_per_token // layers,

@@ -205,8 +205,11 @@ def case_list(sizes: Sizes, kv_dtypes: frozenset[str], kinds: set[str] | None = 
 BASELINES: dict[str, str] = {
     "decode": ("sdpa: SDPA(enable_gqa=True) on contiguous [B, Hkv, S, D] KV in the model dtype, a copy per layer; "
                "sdpa-packed: the same with each KV head's query heads as its query rows (GQA packing); "
-               "gather+sdpa: cache.read of the sequences' pages (dequantized), then SDPA(enable_gqa=True)"),
+               "gather+sdpa: cache.read of the sequences' pages (dequantized), then SDPA(enable_gqa=True); "
+               "memcpy: a copy of as many bytes (at most the probe's buffer), timed in the same rounds: %copy is "
+               "against it"),
     "prefill": "sdpa: SDPA(is_causal=True, enable_gqa=True) on the same values laid out [1, H, N, D]",
     "mla": ("as for decode, MLA written as multi-query attention with the 576-wide latent row as keys and as "
-            "values (output sliced to the 512 latent channels); sdpa-packed: the 16 heads as query rows"),
+            "values (output sliced to the 512 latent channels); sdpa-packed: the 16 heads as query rows; "
+            "memcpy as for decode"),
 }

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-from hal.bench.build import Impl, build
+from hal.bench.build import MEMCPY, Impl, build
 from hal.bench.cases import QUICK, CaseSpec, Sizes, case_list
 from hal.bench.machine import MachineInfo, probe_machine, sync_for
 
@@ -164,7 +164,7 @@ def measure(impls: dict[str, Impl], layers: int, sync: Callable[[], None], sizes
             impl.warm()
             sync()
             used[name] = layers
-            if layers > 1 and sizes.impl_budget_s:
+            if layers > 1 and sizes.impl_budget_s and not impl.whole:
                 t0 = time.perf_counter()
                 impl.run(1)
                 sync()
@@ -261,6 +261,13 @@ def _run_case(c: CaseSpec, backend: Any, machine: MachineInfo, sizes: Sizes, ws:
                 res.notes.append(f"{name} cycled {n} of {layers} layers to fit the time budget "
                                  f"({r.bytes / 2**20:.0f} MiB per measurement"
                                  + (", inside the last-level cache)" if cached else ")"))
+        copy = res.impl(MEMCPY)
+        if copy is not None and copy.gbps:  # "% of copy" against the copy measured in the same rounds
+            for r in res.impls:
+                r.frac_copy_bw = r.gbps / copy.gbps if r.gbps is not None else None
+            copy.speedup = None
+            res.notes.append(f"%copy is against the memcpy timed in this case's rounds ({copy.gbps:.3g} GB/s; "
+                             f"the probe at the start measured {machine.copy_gbps:.3g})")
         if "hal" in errors:
             res.status, res.reason = "error", f"hal raised {errors['hal']}"
     except HALError as e:  # declared, yet refused or failed

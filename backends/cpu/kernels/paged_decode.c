@@ -10,10 +10,16 @@
  *
  * Storage formats decoded here (hal/kv_formats.py is the contract): FMT_F32 / FMT_F16 / FMT_BF16
  * (the "auto" rows of the model dtype) everywhere; int8, fp8_e4m3 and fp8_e5m2 rows on the AVX-512
- * BF16 path (bf16 models), decoded exactly in registers, their scales applied to scores and weights. An MLA cache is MQA over one row per token, [c_kv; k_pe]:
- * the caller passes the same rows as K and V with Dv = kv_lora_rank, so V is the row's first Dv
- * channels and each row is read once for every head (absorbed MLA, FlashMLA's "MQA mode"). Built with -march=native on the machine that runs it:
- * the AVX-512 path when the compiler targets it, plain C loops otherwise.
+ * BF16 path (bf16 models), where stored values enter the products exactly and their scales multiply
+ * the fp32 scores and weights (so the result tracks the cache's exact values, value x scale, which
+ * is what the conformance suite compares against).
+ *
+ * An MLA cache is MQA over one row per token, [c_kv; k_pe]: the caller passes the same rows as K and
+ * V with Dv = kv_lora_rank, so V is the row's first Dv channels and each row is read once for every
+ * head (absorbed MLA, FlashMLA's "MQA mode").
+ *
+ * Built with -march=native on the machine that runs it: the AVX-512 BF16 path when the compiler
+ * targets it, plain C loops otherwise.
  */
 #include <math.h>
 #include <stdint.h>
@@ -214,7 +220,7 @@ static void decode_item(const decode_args *a, int b, int h, float *ws) {
  * that unpermute() undoes once at the end. Scales: the softmax scale, int8 rows' scales and fp8 heads'
  * scales multiply the fp32 scores and weights, never the stored values, so every stored value enters
  * the products exactly. Prefetch: while it reads a tile, each head asks for its rows PREFETCH tokens
- * ahead, a few lines per token, so the memory system never idles while the core computes. */
+ * ahead, a few lines per token, into L2 (into L1 was twice as slow here). */
 /* FT: the longest tile (SPLIT is a multiple); a format's tile holds about 16 KiB of one head's K and V
  * rows, so it stays in L1 between the scores and P.V: 32 tokens of bf16 rows, 64 of 8-bit rows */
 enum { FT = 64, NUMAX = FT / 16, PREFETCH = 16 };
