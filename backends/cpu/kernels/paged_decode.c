@@ -219,11 +219,10 @@ static void decode_item(const decode_args *a, int b, int h, float *ws) {
  * value rows interleaved by 16-bit unpacks, so accumulators hold their dims in an interleaved order
  * that unpermute() undoes once at the end. Scales: the softmax scale, int8 rows' scales and fp8 heads'
  * scales multiply the fp32 scores and weights, never the stored values, so every stored value enters
- * the products exactly. Prefetch: while it reads a tile, each head asks for its rows PREFETCH tokens
- * ahead, a few lines per token, into L2 (into L1 was twice as slow here). */
+ * the products exactly. Prefetch: see pf_cursor. */
 /* FT: the longest tile (SPLIT is a multiple); a format's tile holds about 16 KiB of one head's K and V
  * rows, so it stays in L1 between the scores and P.V: 32 tokens of bf16 rows, 64 of 8-bit rows */
-enum { FT = 64, NUMAX = FT / 16, PREFETCH = 16 };
+enum { FT = 64, NUMAX = FT / 16 };
 static inline int tile_len(int fmt) { return fmt == FMT_BF16 ? 32 : 64; }
 
 static const uint8_t zero_row[2 * MAX_DIM] __attribute__((aligned(64)));  /* pads a tile's odd token */
@@ -292,10 +291,28 @@ static inline size_t ws_per_head(int R4, int D, int Dv) {
     return ((size_t)R4 * D / 2 + (size_t)R4 * Dv + 3 * (size_t)R4 + (size_t)R4 * FT + (size_t)R4 * FT / 2 + 15) & ~(size_t)15;
 }
 
+/* Prefetch of the next tile: its rows as regions in address order (per token, the group's heads' K
+ * rows are contiguous, and so are consecutive tokens of a block), walked a few lines at a time while
+ * the current tile computes, into L2 (into L1 was twice as slow here). */
+typedef struct {
+    const char *p[2 * FT];   /* K regions of the tile's tokens, then their V regions */
+    int64_t klen, vlen;      /* bytes of one K / V region */
+    int n, idx;              /* regions, the one being walked */
+    int64_t off;             /* next byte of it */
+} pf_cursor;
+
+static inline void pf_lines(pf_cursor *c, int lines) {
+    for (; lines > 0 && c->idx < c->n; lines--) {
+        _mm_prefetch(c->p[c->idx] + c->off, _MM_HINT_T1);
+        c->off += 64;
+        if (c->off >= (c->idx < c->n / 2 ? c->klen : c->vlen)) { c->off = 0; c->idx++; }
+    }
+}
+
 /* s[r][i] (+)= q_r . k_i for four rows r over the tile's n keys, dims [c0, c0 + 32 NC) */
 static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int D, int c0, const int NC,
                                                           const uint8_t *const *kh, int n, const int KF, float *s,
-                                                          int first, const char *const *pf, int64_t pf_k, int64_t pf_v) {
+                                                          int first, pf_cursor *pf, int pf_per_key) {
     __m512i q0[4], q1[4], q2[4], q3[4];
     for (int c = 0; c < NC; c++) {
         q0[c] = _mm512_loadu_si512(q + 0 * (size_t)D + c0 + 32 * c);
@@ -305,10 +322,7 @@ static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int
     }
     const int es = elem_size(KF);
     for (int i = 0; i < n; i++) {
-        if (pf) {                                /* the rows of this head PREFETCH tokens ahead */
-            for (int64_t c = 0; c < pf_k; c += 64) _mm_prefetch(pf[2 * i] + c, _MM_HINT_T1);
-            for (int64_t c = 0; c < pf_v; c += 64) _mm_prefetch(pf[2 * i + 1] + c, _MM_HINT_T1);
-        }
+        if (pf) pf_lines(pf, pf_per_key);
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int c = 0; c < NC; c++) {
             __m512i kv = ld32(kh[i] + (size_t)es * (c0 + 32 * c), KF);
@@ -421,8 +435,24 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     const int64_t kt = (int64_t)a->Hkv * a->k_width, vt = (int64_t)a->Hkv * a->v_width;
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const uint8_t *krow[FT], *vrow[FT], *kh[FT], *vh[FT + 1];
-    const char *pf[2 * FT];
     const int ft = tile_len(KF), NU = ft / 16;
+    pf_cursor cur;
+    cur.klen = (int64_t)NH * a->k_width;
+    cur.vlen = (int64_t)NH * a->v_width;
+    /* the regions of tile [t0, t0 + ft) into cur */
+#define PF_TILE(t0) do {                                                                              \
+        const int t1_ = (t0) + ft < hi ? (t0) + ft : hi, m_ = t1_ > (t0) ? t1_ - (t0) : 0;           \
+        for (int i_ = 0; i_ < m_; i_++) {                                                             \
+            const int64_t blk_ = table[((t0) + i_) / a->bs], off_ = ((t0) + i_) % a->bs;               \
+            cur.p[i_] = (const char *)(a->k + blk_ * kb + off_ * kt + (int64_t)h0 * a->k_width);      \
+            cur.p[m_ + i_] = (const char *)(a->v + blk_ * vb + off_ * vt + (int64_t)h0 * a->v_width); \
+        }                                                                                             \
+        cur.n = 2 * m_; cur.idx = 0; cur.off = 0;                                                     \
+    } while (0)
+    if (lo < hi) {                            /* the first tile: all at once */
+        PF_TILE(lo);
+        pf_lines(&cur, 1 << 30);
+    }
     for (int j0 = lo; j0 < hi; j0 += ft) {
         const int n = hi - j0 < ft ? hi - j0 : ft, npairs = (n + 1) / 2;
         if (a->rows_read) __atomic_fetch_add(a->rows_read, (int64_t)n * NH, __ATOMIC_RELAXED);
@@ -431,11 +461,9 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             const int64_t blk = table[j / a->bs], off = j % a->bs;
             krow[i] = a->k + blk * kb + off * kt;
             vrow[i] = a->v + blk * vb + off * vt;
-            int jp = j + PREFETCH < hi ? j + PREFETCH : hi - 1;
-            const int64_t pblk = table[jp / a->bs], poff = jp % a->bs;
-            pf[2 * i] = (const char *)(a->k + pblk * kb + poff * kt);
-            pf[2 * i + 1] = (const char *)(a->v + pblk * vb + poff * vt);
         }
+        PF_TILE(j0 + ft);                     /* the next tile, a few lines per key and head */
+        const int pf_per_key = (int)(((int64_t)cur.n / 2 * ((cur.klen + cur.vlen) / 64 + 2)) / ((int64_t)NH * n) + 1);
         __mmask16 valid[NUMAX];
         for (int u = 0; u < NU; u++) {
             const int nu = n - 16 * u;
@@ -451,20 +479,17 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 vh[i] = vrow[i] + (int64_t)h * a->v_width;
             }
             vh[n] = zero_row;
-            const char *pfh[2 * FT];
-            for (int i = 0; i < 2 * n; i++) pfh[i] = pf[i] + (int64_t)h * (i & 1 ? a->v_width : a->k_width);
             /* scores: four rows at a time, up to 128 dims of their queries in registers */
             for (int r = 0; r < R4; r += 4)
                 for (int c0 = 0; c0 < D; c0 += 128) {
                     const int first = c0 == 0;
-                    const char *const *p = r == 0 && c0 == 0 ? pfh : NULL;
-                    const int64_t pk = a->k_width, pv = a->v_width;
+                    pf_cursor *p = r == 0 && c0 == 0 ? &cur : NULL;
                     float *sr = s + (size_t)r * FT;
                     switch ((D - c0) / 32 < 4 ? (D - c0) / 32 : 4) {
-                    case 1: scores4(qb + (size_t)r * D, D, c0, 1, kh, n, KF, sr, first, p, pk, pv); break;
-                    case 2: scores4(qb + (size_t)r * D, D, c0, 2, kh, n, KF, sr, first, p, pk, pv); break;
-                    case 3: scores4(qb + (size_t)r * D, D, c0, 3, kh, n, KF, sr, first, p, pk, pv); break;
-                    default: scores4(qb + (size_t)r * D, D, c0, 4, kh, n, KF, sr, first, p, pk, pv); break;
+                    case 1: scores4(qb + (size_t)r * D, D, c0, 1, kh, n, KF, sr, first, p, pf_per_key); break;
+                    case 2: scores4(qb + (size_t)r * D, D, c0, 2, kh, n, KF, sr, first, p, pf_per_key); break;
+                    case 3: scores4(qb + (size_t)r * D, D, c0, 3, kh, n, KF, sr, first, p, pf_per_key); break;
+                    default: scores4(qb + (size_t)r * D, D, c0, 4, kh, n, KF, sr, first, p, pf_per_key); break;
                     }
                 }
             /* softmax update per row over the tile (two halves of 16); the weights as bf16 (int8 rows:
@@ -561,6 +586,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
 #undef WS_L
 #undef WS_S
 #undef WS_W
+#undef PF_TILE
 }
 
 static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float *ws, int split, float *partial) {
