@@ -210,7 +210,8 @@ static void decode_item(const decode_args *a, int b, int h, float *ws) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-/* ---- the AVX-512 BF16 path: bf16 model; bf16, int8 or fp8 rows; D % 32 == 0, Dv % 64 == 0 ----
+/* ---- the AVX-512 BF16 path: bf16 model; bf16, int8 or fp8 rows; D % 32 == 0 (fp8 through the table:
+ * D % 64 == 0), Dv % 64 == 0 ----
  * Both products run on dot-product instructions that take pairs of 16-bit values and sum in 32 bits:
  * VDPBF16PS on bf16 pairs (bf16 rows, and fp8 rows widened exactly to bf16) and VPDPWSSD on int16
  * pairs (int8 rows widened to int16 against int16 queries and weights). Scores: four query rows held
@@ -263,6 +264,57 @@ static inline __m512i ld32(const uint8_t *p, int fmt) {
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
+/* fp8 rows through a table (AVX512-VBMI): the bf16 of each of the 128 magnitudes, split into its low
+ * and high bytes; VPERMI2B looks 64 values up at once, the sign is ORed back in, and byte unpacks give
+ * 2 x 32 bf16, exact (subnormals included), in the order of lut_dim(). A third of the instructions
+ * of the fp16 route below. */
+#if defined(__AVX512VBMI__)
+#define FP8_LUT 1
+#else
+#define FP8_LUT 0
+#endif
+static inline int lut8(int fmt) { return FP8_LUT && (fmt == FMT_E4M3 || fmt == FMT_E5M2); }
+
+static uint8_t fp8_tab[2][4][64] __attribute__((aligned(64)));  /* [e4m3, e5m2][lo 0-63, lo 64-127, hi, hi] */
+
+static uint16_t fp8_magnitude_bf16(int e5m2, int m) {  /* bf16 bits of the fp8 magnitude m (7 bits) */
+    float v;
+    if (!e5m2) {                         /* e4m3fn: bias 7, no infinity, 0x7f NaN */
+        const int e = m >> 3, f = m & 7;
+        v = m == 0x7f ? NAN : e == 0 ? ldexpf((float)f, -9) : ldexpf(1.f + f / 8.f, e - 7);
+    } else {                             /* e5m2: bias 15, IEEE specials */
+        const int e = m >> 2, f = m & 3;
+        v = e == 31 ? (f ? NAN : INFINITY) : e == 0 ? ldexpf((float)f, -16) : ldexpf(1.f + f / 4.f, e - 15);
+    }
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return (uint16_t)(u >> 16);          /* exact: every fp8 value is a bf16 */
+}
+
+__attribute__((constructor)) static void fp8_tables_init(void) {
+    for (int t = 0; t < 2; t++)
+        for (int m = 0; m < 128; m++) {
+            const uint16_t b = fp8_magnitude_bf16(t, m);
+            fp8_tab[t][m >> 6][m & 63] = (uint8_t)(b & 0xff);
+            fp8_tab[t][2 + (m >> 6)][m & 63] = (uint8_t)(b >> 8);
+        }
+}
+
+#if FP8_LUT
+static inline void ld64_fp8(const uint8_t *p, int fmt, __m512i *z0, __m512i *z1) {
+    const int t = fmt == FMT_E5M2;
+    const __m512i x = _mm512_loadu_si512(p);
+    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(fp8_tab[t][0]), x, _mm512_load_si512(fp8_tab[t][1]));
+    __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(fp8_tab[t][2]), x, _mm512_load_si512(fp8_tab[t][3]));
+    hi = _mm512_ternarylogic_epi32(hi, x, _mm512_set1_epi8((char)0x80), 0xF8);  /* hi | (x & 0x80) */
+    *z0 = _mm512_unpacklo_epi8(lo, hi);  /* per 128-bit lane L: dims 16 L + 0..7 */
+    *z1 = _mm512_unpackhi_epi8(lo, hi);  /*                      dims 16 L + 8..15 */
+}
+#endif
+
+/* the dim that 16-bit lane j of z0 (j < 32) or z1 (j >= 32) of ld64_fp8 holds, within 64 */
+static inline int lut_dim(int j) { const int z = j / 32, L = (j % 32) / 8, k = j % 8; return 16 * L + 8 * z + k; }
+
 static inline __m512 dp(__m512 acc, __m512i x, __m512i y, int fmt) { /* acc += pairwise x . y */
     if (fmt == FMT_INT8) return (__m512)_mm512_dpwssd_epi32((__m512i)acc, x, y);
     return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)y);
@@ -271,7 +323,7 @@ static inline __m512 dp(__m512 acc, __m512i x, __m512i y, int fmt) { /* acc += p
 /* the factor a row's stored values are multiplied by */
 static inline float row_scale(const uint8_t *row, int64_t width, int fmt, const float *head_scale, int h) {
     if (fmt == FMT_INT8) { uint16_t sc; memcpy(&sc, row + width - 2, 2); return f16_to_f32(sc); }
-    if (fmt == FMT_E4M3) return head_scale[h] * 256.f;
+    if (fmt == FMT_E4M3) return head_scale[h] * (FP8_LUT ? 1.f : 256.f);  /* ld32's fp16 route is 2^-8 off */
     if (fmt == FMT_E5M2) return head_scale[h];
     return 1.f;
 }
@@ -280,7 +332,7 @@ static int fast_path_applies(const decode_args *a) {
     const int kf = a->kfmt, vf = a->vfmt;
     const int ok = kf == FMT_BF16 || kf == FMT_INT8 || kf == FMT_E4M3 || kf == FMT_E5M2;
     const int64_t k_bytes = (int64_t)a->D * elem_size(kf) + (kf == FMT_INT8 ? 2 : 0);
-    return a->dtype == FMT_BF16 && ok && kf == vf && a->D % 32 == 0 && a->Dv % 64 == 0 && a->k_width == k_bytes
+    return a->dtype == FMT_BF16 && ok && kf == vf && a->D % (lut8(kf) ? 64 : 32) == 0 && a->Dv % 64 == 0 && a->k_width == k_bytes
            && a->v_width >= (int64_t)a->Dv * elem_size(vf)  /* MLA: V is the first Dv channels of K's row */
            && ((kf != FMT_E4M3 && kf != FMT_E5M2) || (a->k_scale && a->v_scale));
 }
@@ -325,7 +377,18 @@ static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int
         if (pf) pf_lines(pf, pf_per_key);
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int c = 0; c < NC; c++) {
-            __m512i kv = ld32(kh[i] + (size_t)es * (c0 + 32 * c), KF);
+            __m512i kv;
+#if FP8_LUT
+            __m512i kv1;
+            if (lut8(KF)) {                      /* two chunks per lookup; q was permuted to match */
+                ld64_fp8(kh[i] + c0 + 32 * c, KF, &kv, &kv1);
+                a0 = dp(a0, q0[c], kv, KF); a1 = dp(a1, q1[c], kv, KF);
+                a2 = dp(a2, q2[c], kv, KF); a3 = dp(a3, q3[c], kv, KF);
+                c++;
+                kv = kv1;
+            } else
+#endif
+                kv = ld32(kh[i] + (size_t)es * (c0 + 32 * c), KF);
             a0 = dp(a0, q0[c], kv, KF); a1 = dp(a1, q1[c], kv, KF);
             a2 = dp(a2, q2[c], kv, KF); a3 = dp(a3, q3[c], kv, KF);
         }
@@ -348,7 +411,11 @@ static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d,
             x[r][c] = VF == FMT_INT8 ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + (size_t)r * Dv + d + 16 * c);
     for (int k = 0; k < npairs; k++) {
         const uint8_t *va = vh[2 * k] + (size_t)es * d, *vb = vh[2 * k + 1] + (size_t)es * d;
-        __m512i A0 = ld32(va, VF), B0 = ld32(vb, VF), A1 = ld32(va + 32 * es, VF), B1 = ld32(vb + 32 * es, VF);
+        __m512i A0, B0, A1, B1;
+#if FP8_LUT
+        if (lut8(VF)) { ld64_fp8(va, VF, &A0, &A1); ld64_fp8(vb, VF, &B0, &B1); } else
+#endif
+        { A0 = ld32(va, VF); B0 = ld32(vb, VF); A1 = ld32(va + 32 * es, VF); B1 = ld32(vb + 32 * es, VF); }
         __m512i L0 = _mm512_unpacklo_epi16(A0, B0), H0 = _mm512_unpackhi_epi16(A0, B0);
         __m512i L1 = _mm512_unpacklo_epi16(A1, B1), H1 = _mm512_unpackhi_epi16(A1, B1);
         for (int r = 0; r < 4; r++) {
@@ -369,8 +436,15 @@ static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d,
 }
 
 /* an accumulator row from the interleaved order of pv4 (per 32 dims: the unpacklo lanes, then the
- * unpackhi lanes) back to dims in order, times `mul` */
-static inline void unpermute(float *dst, const float *acc, int Dv, float mul) {
+ * unpackhi lanes; fp8 table rows: per 64 dims, see lut_dim) back to dims in order, times `mul` */
+static inline void unpermute(float *dst, const float *acc, int Dv, float mul, int lut) {
+    if (lut) {                               /* ld64_fp8 order: position 16 c + 4 L + k holds dim 16 L + 4 c + k */
+        for (int d = 0; d < Dv; d += 64)
+            for (int c = 0; c < 4; c++)
+                for (int L = 0; L < 4; L++)
+                    for (int k = 0; k < 4; k++) dst[d + 16 * L + 4 * c + k] = mul * acc[d + 16 * c + 4 * L + k];
+        return;
+    }
     const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
     const __m512i i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
     const __m512 vm = _mm512_set1_ps(mul);
@@ -407,7 +481,10 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             const int t = r / G, hq = h * G + r % G;
             const uint16_t *src = (const uint16_t *)a->q + ((size_t)(q0 + t) * a->Hq + hq) * D;
             const float ks = KF == FMT_INT8 ? 1.f : row_scale(NULL, 0, KF, a->k_scale, h);
-            if (KF != FMT_INT8) {                /* bf16 query as given */
+            if (lut8(KF)) {                      /* bf16 query, dims in ld64_fp8's order */
+                for (int d = 0; d < D; d++) qb[(size_t)r * D + d] = src[d / 64 * 64 + lut_dim(d % 64)];
+                qs[r] = a->scale * ks;
+            } else if (KF != FMT_INT8) {         /* bf16 query as given */
                 memcpy(qb + (size_t)r * D, src, 2 * (size_t)D);
                 qs[r] = a->scale * ks;
             } else {                             /* int16 query: q = Q * round(q / Q), Q = max |q| / 32767 */
@@ -568,13 +645,13 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
         for (int r = 0; r < R; r++) {
             if (partial) {
                 float *dst = partial + ((size_t)hh * R + r) * (Dv + 2);
-                unpermute(dst, acc + (size_t)r * Dv, Dv, vs);
+                unpermute(dst, acc + (size_t)r * Dv, Dv, vs, lut8(VF));
                 dst[Dv] = m[r];
                 dst[Dv + 1] = l[r];
                 continue;
             }
             const int t = r / G, hq = h * G + r % G;
-            unpermute(o, acc + (size_t)r * Dv, Dv, l[r] > 0.f ? vs / l[r] : 0.f);
+            unpermute(o, acc + (size_t)r * Dv, Dv, l[r] > 0.f ? vs / l[r] : 0.f, lut8(VF));
             store_row((uint16_t *)a->out + ((size_t)(q0 + t) * a->Hq + hq) * Dv, o, a->dtype, Dv);
             if (a->lse) a->lse[(size_t)(q0 + t) * a->Hq + hq] = l[r] > 0.f ? m[r] + logf(l[r]) : -INFINITY;
         }
@@ -628,11 +705,11 @@ static void merge_splits(const decode_args *a, int b, int h0, int h1, int nsplit
 #endif
 
 /* Whether hal_paged_decode handles these formats and head dims here: auto rows always; quantized rows
- * only on the AVX-512 BF16 path (bf16 model, D % 32 == 0, Dv % 64 == 0). */
+ * only on the AVX-512 BF16 path (bf16 model, D % 32 == 0 (fp8 with VBMI: % 64), Dv % 64 == 0). */
 int hal_decode_supports(int dtype, int kfmt, int vfmt, int D, int Dv) {
     if (kfmt <= FMT_BF16 && vfmt <= FMT_BF16) return 1;
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-    return dtype == FMT_BF16 && kfmt > FMT_BF16 && vfmt > FMT_BF16 && D % 32 == 0 && Dv % 64 == 0;
+    return dtype == FMT_BF16 && kfmt > FMT_BF16 && vfmt > FMT_BF16 && D % (lut8(kfmt) ? 64 : 32) == 0 && Dv % 64 == 0;
 #else
     (void)dtype; (void)D; (void)Dv;
     return 0;
