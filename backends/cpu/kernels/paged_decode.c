@@ -33,7 +33,7 @@
 #include "simd.h"
 #endif
 
-enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_INT8 = 3, FMT_E4M3 = 4, FMT_E5M2 = 5 };
+enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_INT8 = 3, FMT_E4M3 = 4, FMT_E5M2 = 5, FMT_INT6 = 6 };
 enum { TILE = 16, MAX_ROWS = 256, MAX_DIM = 1024, SPLIT = 512 };  /* SPLIT: keys per split of the AVX-512 path */
 
 typedef struct {
@@ -249,11 +249,34 @@ static inline __m128 reduce4i(__m512 a0, __m512 a1, __m512 a2, __m512 a3) { /* t
 /* Quantized rows (hal/kv_formats.py): int8 values then the row's fp16 scale; fp8 bit patterns with a
  * per-head scale. e4m3 goes through fp16 (its 7 magnitude bits shifted into fp16's exponent and
  * mantissa) and comes out 2^-8 too small: its scale carries the 256. */
-static inline int elem_size(int fmt) { return fmt == FMT_BF16 ? 2 : 1; }
+static inline int is_int(int fmt) { return fmt == FMT_INT8 || fmt == FMT_INT6; }  /* int16 products, row scales */
+static inline size_t boff(int fmt, int d) {  /* bytes before value d of a row (d % 32 == 0 for int6) */
+    return fmt == FMT_BF16 ? 2 * (size_t)d : fmt == FMT_INT6 ? 3 * (size_t)d / 4 : (size_t)d;
+}
 
-/* 32 stored values -> 32 16-bit lanes, exactly: bf16 for bf16 and fp8 rows, int16 for int8 rows */
+#if defined(__AVX512VBMI__)
+#define INT6_OK 1
+/* int6: word i holds bytes 6i / 8 and the next; its field starts at bit (6i) % 8 = 0, 6, 4, 2 */
+static inline __m512i int6_shift(void) {   /* shift that puts the field's top bit at bit 15: 10 - start */
+    return _mm512_set1_epi64(0x800060004000aLL);
+}
+#else
+#define INT6_OK 0
+#endif
+
+/* 32 stored values -> 32 16-bit lanes, exactly: bf16 for bf16 and fp8 rows, int16 for int8/int6 rows */
 static inline __m512i ld32(const uint8_t *p, int fmt) {
     if (fmt == FMT_BF16) return _mm512_loadu_si512(p);
+#if defined(__AVX512VBMI__)
+    if (fmt == FMT_INT6) {                   /* 32 six-bit fields in 24 bytes: each word takes the two bytes
+                                              * holding its field, shifts its top bit to bit 15, then back */
+        const __m512i idx = _mm512_setr_epi64(0x0302020101000100LL, 0x0605050404030403LL, 0x0908080707060706LL,
+                                              0x0c0b0b0a0a090a09LL, 0x0f0e0e0d0d0c0d0cLL, 0x12111110100f100fLL,
+                                              0x1514141313121312LL, 0x1817171616151615LL);
+        __m512i w = _mm512_permutexvar_epi8(idx, _mm512_maskz_loadu_epi8(0xffffffULL, p));
+        return _mm512_srai_epi16(_mm512_sllv_epi16(w, int6_shift()), 10);
+    }
+#endif
     __m256i x = _mm256_loadu_si256((const __m256i *)p);
     if (fmt == FMT_INT8) return _mm512_cvtepi8_epi16(x);
     __m512i u = _mm512_cvtepu8_epi16(x), h;
@@ -316,13 +339,13 @@ static inline void ld64_fp8(const uint8_t *p, int fmt, __m512i *z0, __m512i *z1)
 static inline int lut_dim(int j) { const int z = j / 32, L = (j % 32) / 8, k = j % 8; return 16 * L + 8 * z + k; }
 
 static inline __m512 dp(__m512 acc, __m512i x, __m512i y, int fmt) { /* acc += pairwise x . y */
-    if (fmt == FMT_INT8) return (__m512)_mm512_dpwssd_epi32((__m512i)acc, x, y);
+    if (is_int(fmt)) return (__m512)_mm512_dpwssd_epi32((__m512i)acc, x, y);
     return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)y);
 }
 
 /* the factor a row's stored values are multiplied by */
 static inline float row_scale(const uint8_t *row, int64_t width, int fmt, const float *head_scale, int h) {
-    if (fmt == FMT_INT8) { uint16_t sc; memcpy(&sc, row + width - 2, 2); return f16_to_f32(sc); }
+    if (is_int(fmt)) { uint16_t sc; memcpy(&sc, row + width - 2, 2); return f16_to_f32(sc); }
     if (fmt == FMT_E4M3) return head_scale[h] * (FP8_LUT ? 1.f : 256.f);  /* ld32's fp16 route is 2^-8 off */
     if (fmt == FMT_E5M2) return head_scale[h];
     return 1.f;
@@ -330,10 +353,10 @@ static inline float row_scale(const uint8_t *row, int64_t width, int fmt, const 
 
 static int fast_path_applies(const decode_args *a) {
     const int kf = a->kfmt, vf = a->vfmt;
-    const int ok = kf == FMT_BF16 || kf == FMT_INT8 || kf == FMT_E4M3 || kf == FMT_E5M2;
-    const int64_t k_bytes = (int64_t)a->D * elem_size(kf) + (kf == FMT_INT8 ? 2 : 0);
+    const int ok = kf == FMT_BF16 || kf == FMT_INT8 || kf == FMT_E4M3 || kf == FMT_E5M2 || (INT6_OK && kf == FMT_INT6);
+    const int64_t k_bytes = (int64_t)boff(kf, a->D) + (is_int(kf) ? 2 : 0);
     return a->dtype == FMT_BF16 && ok && kf == vf && a->D % (lut8(kf) ? 64 : 32) == 0 && a->Dv % 64 == 0 && a->k_width == k_bytes
-           && a->v_width >= (int64_t)a->Dv * elem_size(vf)  /* MLA: V is the first Dv channels of K's row */
+           && a->v_width >= (int64_t)boff(vf, a->Dv)  /* MLA: V is the first Dv channels of K's row */
            && ((kf != FMT_E4M3 && kf != FMT_E5M2) || (a->k_scale && a->v_scale));
 }
 
@@ -372,7 +395,6 @@ static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int
         q2[c] = _mm512_loadu_si512(q + 2 * (size_t)D + c0 + 32 * c);
         q3[c] = _mm512_loadu_si512(q + 3 * (size_t)D + c0 + 32 * c);
     }
-    const int es = elem_size(KF);
     for (int i = 0; i < n; i++) {
         if (pf) pf_lines(pf, pf_per_key);
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -388,12 +410,12 @@ static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int
                 kv = kv1;
             } else
 #endif
-                kv = ld32(kh[i] + (size_t)es * (c0 + 32 * c), KF);
+                kv = ld32(kh[i] + boff(KF, c0 + 32 * c), KF);
             a0 = dp(a0, q0[c], kv, KF); a1 = dp(a1, q1[c], kv, KF);
             a2 = dp(a2, q2[c], kv, KF); a3 = dp(a3, q3[c], kv, KF);
         }
         float t[4];
-        _mm_storeu_ps(t, KF == FMT_INT8 ? reduce4i(a0, a1, a2, a3) : reduce4(a0, a1, a2, a3));
+        _mm_storeu_ps(t, is_int(KF) ? reduce4i(a0, a1, a2, a3) : reduce4(a0, a1, a2, a3));
         if (first) { s[i] = t[0]; s[FT + i] = t[1]; s[2 * FT + i] = t[2]; s[3 * FT + i] = t[3]; }
         else { s[i] += t[0]; s[FT + i] += t[1]; s[2 * FT + i] += t[2]; s[3 * FT + i] += t[3]; }
     }
@@ -403,19 +425,18 @@ static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int
  * fp32 in the interleaved order; int8 rows accumulate in int32 and add wscale[r] times the sum. */
 static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d, const uint32_t *w, const float *wscale,
                                                       const uint8_t *const *vh, int npairs, const int VF) {
-    const int es = elem_size(VF);
     float *a0 = acc + d, *a1 = a0 + Dv, *a2 = a1 + Dv, *a3 = a2 + Dv;
     __m512 x[4][4];
     for (int r = 0; r < 4; r++)
         for (int c = 0; c < 4; c++)
-            x[r][c] = VF == FMT_INT8 ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + (size_t)r * Dv + d + 16 * c);
+            x[r][c] = is_int(VF) ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + (size_t)r * Dv + d + 16 * c);
     for (int k = 0; k < npairs; k++) {
-        const uint8_t *va = vh[2 * k] + (size_t)es * d, *vb = vh[2 * k + 1] + (size_t)es * d;
+        const uint8_t *va = vh[2 * k] + boff(VF, d), *vb = vh[2 * k + 1] + boff(VF, d);
         __m512i A0, B0, A1, B1;
 #if FP8_LUT
         if (lut8(VF)) { ld64_fp8(va, VF, &A0, &A1); ld64_fp8(vb, VF, &B0, &B1); } else
 #endif
-        { A0 = ld32(va, VF); B0 = ld32(vb, VF); A1 = ld32(va + 32 * es, VF); B1 = ld32(vb + 32 * es, VF); }
+        { A0 = ld32(va, VF); B0 = ld32(vb, VF); A1 = ld32(va + boff(VF, 32), VF); B1 = ld32(vb + boff(VF, 32), VF); }
         __m512i L0 = _mm512_unpacklo_epi16(A0, B0), H0 = _mm512_unpackhi_epi16(A0, B0);
         __m512i L1 = _mm512_unpacklo_epi16(A1, B1), H1 = _mm512_unpackhi_epi16(A1, B1);
         for (int r = 0; r < 4; r++) {
@@ -427,7 +448,7 @@ static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d,
     float *rows[4] = {a0, a1, a2, a3};
     for (int r = 0; r < 4; r++)
         for (int c = 0; c < 4; c++) {
-            if (VF == FMT_INT8)
+            if (is_int(VF))
                 _mm512_storeu_ps(rows[r] + 16 * c, _mm512_fmadd_ps(_mm512_set1_ps(wscale[r]), _mm512_cvtepi32_ps((__m512i)x[r][c]),
                                                                    _mm512_loadu_ps(rows[r] + 16 * c)));
             else
@@ -480,11 +501,11 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
         for (int r = 0; r < R; r++) {
             const int t = r / G, hq = h * G + r % G;
             const uint16_t *src = (const uint16_t *)a->q + ((size_t)(q0 + t) * a->Hq + hq) * D;
-            const float ks = KF == FMT_INT8 ? 1.f : row_scale(NULL, 0, KF, a->k_scale, h);
+            const float ks = is_int(KF) ? 1.f : row_scale(NULL, 0, KF, a->k_scale, h);
             if (lut8(KF)) {                      /* bf16 query, dims in ld64_fp8's order */
                 for (int d = 0; d < D; d++) qb[(size_t)r * D + d] = src[d / 64 * 64 + lut_dim(d % 64)];
                 qs[r] = a->scale * ks;
-            } else if (KF != FMT_INT8) {         /* bf16 query as given */
+            } else if (!is_int(KF)) {            /* bf16 query as given */
                 memcpy(qb + (size_t)r * D, src, 2 * (size_t)D);
                 qs[r] = a->scale * ks;
             } else {                             /* int16 query: q = Q * round(q / Q), Q = max |q| / 32767 */
@@ -573,7 +594,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
              * int16) pairs */
             __m512 kmul[NUMAX], vmul[NUMAX];
             for (int u = 0; u < NU; u++) kmul[u] = vmul[u] = _mm512_set1_ps(1.f);
-            if (KF == FMT_INT8) {                /* the rows' fp16 scales, converted 16 at a time */
+            if (is_int(KF)) {                    /* the rows' fp16 scales, converted 16 at a time */
                 uint16_t tk[FT] = {0}, tv[FT] = {0};
                 for (int i = 0; i < n; i++) {
                     memcpy(tk + i, kh[i] + a->k_width - 2, 2);
@@ -619,7 +640,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 l[r] = l[r] * alpha + _mm512_reduce_add_ps(psum);
                 m[r] = m_new;
                 if (alpha != 1.f) scal(acc + (size_t)r * Dv, alpha, Dv);
-                if (VF == FMT_INT8) {            /* weight p * row scale, as int16 against the tile's largest */
+                if (is_int(VF)) {                /* weight p * row scale, as int16 against the tile's largest */
                     __m512 wu[NUMAX], wm = _mm512_setzero_ps();
                     for (int u = 0; u < NU; u++) { wu[u] = _mm512_mul_ps(pu[u], vmul[u]); wm = _mm512_max_ps(wm, wu[u]); }
                     const float wmax = _mm512_reduce_max_ps(wm);
@@ -640,7 +661,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     for (int hh = 0; hh < NH; hh++) {
         const int h = h0 + hh;
         const float *acc = WS_ACC(hh), *m = WS_M(hh), *l = WS_L(hh);
-        const float vs = VF == FMT_INT8 ? 1.f : row_scale(NULL, 0, VF, a->v_scale, h);
+        const float vs = is_int(VF) ? 1.f : row_scale(NULL, 0, VF, a->v_scale, h);
         float o[MAX_DIM];
         for (int r = 0; r < R; r++) {
             if (partial) {
@@ -669,6 +690,9 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
 static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float *ws, int split, float *partial) {
     switch (a->kfmt) {                    /* one specialised copy per row format (K and V share it) */
     case FMT_INT8: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_INT8, FMT_INT8); break;
+#if INT6_OK
+    case FMT_INT6: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_INT6, FMT_INT6); break;
+#endif
     case FMT_E4M3: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_E4M3, FMT_E4M3); break;
     case FMT_E5M2: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_E5M2, FMT_E5M2); break;
     default: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_BF16, FMT_BF16); break;
@@ -709,7 +733,8 @@ static void merge_splits(const decode_args *a, int b, int h0, int h1, int nsplit
 int hal_decode_supports(int dtype, int kfmt, int vfmt, int D, int Dv) {
     if (kfmt <= FMT_BF16 && vfmt <= FMT_BF16) return 1;
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-    return dtype == FMT_BF16 && kfmt > FMT_BF16 && vfmt > FMT_BF16 && D % (lut8(kfmt) ? 64 : 32) == 0 && Dv % 64 == 0;
+    return dtype == FMT_BF16 && kfmt > FMT_BF16 && vfmt > FMT_BF16 && (kfmt != FMT_INT6 || INT6_OK)
+           && D % (lut8(kfmt) ? 64 : 32) == 0 && Dv % 64 == 0;
 #else
     (void)dtype; (void)D; (void)Dv;
     return 0;
