@@ -384,7 +384,8 @@ static inline void pf_lines(pf_cursor *c, int lines) {
     }
 }
 
-/* s[r][i] (+)= q_r . k_i for four rows r over the tile's n keys, dims [c0, c0 + 32 NC) */
+/* st[i][r] (+)= q_r . k_i for four rows r over the tile's n keys, dims [c0, c0 + 32 NC): token-major,
+ * one 4-wide store per key; rows4() turns it into rows */
 static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int D, int c0, const int NC,
                                                           const uint8_t *const *kh, int n, const int KF, float *s,
                                                           int first, pf_cursor *pf, int pf_per_key) {
@@ -414,10 +415,25 @@ static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int
             a0 = dp(a0, q0[c], kv, KF); a1 = dp(a1, q1[c], kv, KF);
             a2 = dp(a2, q2[c], kv, KF); a3 = dp(a3, q3[c], kv, KF);
         }
-        float t[4];
-        _mm_storeu_ps(t, is_int(KF) ? reduce4i(a0, a1, a2, a3) : reduce4(a0, a1, a2, a3));
-        if (first) { s[i] = t[0]; s[FT + i] = t[1]; s[2 * FT + i] = t[2]; s[3 * FT + i] = t[3]; }
-        else { s[i] += t[0]; s[FT + i] += t[1]; s[2 * FT + i] += t[2]; s[3 * FT + i] += t[3]; }
+        const __m128 t = is_int(KF) ? reduce4i(a0, a1, a2, a3) : reduce4(a0, a1, a2, a3);
+        _mm_storeu_ps(s + 4 * i, first ? t : _mm_add_ps(t, _mm_loadu_ps(s + 4 * i)));
+    }
+}
+
+/* s[r][i] = st[i][r] for four rows, 16 keys at a time (keys past n are garbage the softmax masks off) */
+static inline void rows4(float *s, const float *st, int n) {
+    const __m512i idx[4] = {
+        _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0),
+        _mm512_setr_epi32(1, 5, 9, 13, 17, 21, 25, 29, 0, 0, 0, 0, 0, 0, 0, 0),
+        _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 0, 0, 0, 0, 0, 0, 0, 0),
+        _mm512_setr_epi32(3, 7, 11, 15, 19, 23, 27, 31, 0, 0, 0, 0, 0, 0, 0, 0)};
+    for (int i0 = 0; i0 < n; i0 += 16) {
+        const float *z = st + 4 * i0;
+        const __m512 z0 = _mm512_loadu_ps(z), z1 = _mm512_loadu_ps(z + 16), z2 = _mm512_loadu_ps(z + 32), z3 = _mm512_loadu_ps(z + 48);
+        for (int r = 0; r < 4; r++) {
+            const __m512 lo = _mm512_permutex2var_ps(z0, idx[r], z1), hi = _mm512_permutex2var_ps(z2, idx[r], z3);
+            _mm512_storeu_ps(s + (size_t)r * FT + i0, _mm512_shuffle_f32x4(lo, hi, 0x44));
+        }
     }
 }
 
@@ -533,6 +549,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     const int64_t kt = (int64_t)a->Hkv * a->k_width, vt = (int64_t)a->Hkv * a->v_width;
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const uint8_t *krow[FT], *vrow[FT], *kh[FT], *vh[FT + 1];
+    float st[4 * FT] __attribute__((aligned(64)));  /* a tile's scores of four rows, token-major */
     const int ft = tile_len(KF), NU = ft / 16;
     pf_cursor cur;
     cur.klen = (int64_t)NH * a->k_width;
@@ -578,11 +595,11 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             }
             vh[n] = zero_row;
             /* scores: four rows at a time, up to 128 dims of their queries in registers */
-            for (int r = 0; r < R4; r += 4)
+            for (int r = 0; r < R4; r += 4) {
                 for (int c0 = 0; c0 < D; c0 += 128) {
                     const int first = c0 == 0;
                     pf_cursor *p = r == 0 && c0 == 0 ? &cur : NULL;
-                    float *sr = s + (size_t)r * FT;
+                    float *sr = st;
                     switch ((D - c0) / 32 < 4 ? (D - c0) / 32 : 4) {
                     case 1: scores4(qb + (size_t)r * D, D, c0, 1, kh, n, KF, sr, first, p, pf_per_key); break;
                     case 2: scores4(qb + (size_t)r * D, D, c0, 2, kh, n, KF, sr, first, p, pf_per_key); break;
@@ -590,6 +607,8 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                     default: scores4(qb + (size_t)r * D, D, c0, 4, kh, n, KF, sr, first, p, pf_per_key); break;
                     }
                 }
+                rows4(s + (size_t)r * FT, st, n);
+            }
             /* softmax update per row over the tile (two halves of 16); the weights as bf16 (int8 rows:
              * int16) pairs */
             __m512 kmul[NUMAX], vmul[NUMAX];
