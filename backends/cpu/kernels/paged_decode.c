@@ -372,7 +372,7 @@ static inline size_t ws_per_head(int R4, int D, int Dv) {
 typedef struct {
     const char *p[2 * FT];   /* K regions of the tile's tokens, then their V regions */
     int64_t klen, vlen;      /* bytes of one K / V region */
-    int n, idx;              /* regions, the one being walked */
+    int n, nk, idx;          /* regions, how many are K's, the one being walked */
     int64_t off;             /* next byte of it */
 } pf_cursor;
 
@@ -380,7 +380,7 @@ static inline void pf_lines(pf_cursor *c, int lines) {
     for (; lines > 0 && c->idx < c->n; lines--) {
         _mm_prefetch(c->p[c->idx] + c->off, _MM_HINT_T1);
         c->off += 64;
-        if (c->off >= (c->idx < c->n / 2 ? c->klen : c->vlen)) { c->off = 0; c->idx++; }
+        if (c->off >= (c->idx < c->nk ? c->klen : c->vlen)) { c->off = 0; c->idx++; }
     }
 }
 
@@ -417,6 +417,48 @@ static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int
         }
         const __m128 t = is_int(KF) ? reduce4i(a0, a1, a2, a3) : reduce4(a0, a1, a2, a3);
         _mm_storeu_ps(s + 4 * i, first ? t : _mm_add_ps(t, _mm_loadu_ps(s + 4 * i)));
+    }
+}
+
+/* st[i][r] = q_r . k_i for sixteen bf16 rows at once, rows in lanes: qt [D / 2][16] holds the rows'
+ * query pairs, each key pair is broadcast; eight keys at a time, no horizontal sums */
+static inline void scores16t(const uint32_t *qt, int D, const uint8_t *const *kh, int n, float *st,
+                             pf_cursor *pf, int pf_per_key) {
+    for (int i0 = 0; i0 < n; i0 += 8) {
+        const uint32_t *k[8];
+        for (int j = 0; j < 8; j++) k[j] = (const uint32_t *)(i0 + j < n ? kh[i0 + j] : zero_row);
+        if (pf) pf_lines(pf, 8 * pf_per_key);
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int p = 0; p < D / 2; p++) {
+            const __m512bh qv = (__m512bh)_mm512_load_si512(qt + 16 * (size_t)p);
+#define DPB(acc, j) acc = _mm512_dpbf16_ps(acc, qv, (__m512bh)_mm512_set1_epi32((int)k[j][p]))
+            DPB(a0, 0); DPB(a1, 1); DPB(a2, 2); DPB(a3, 3); DPB(a4, 4); DPB(a5, 5); DPB(a6, 6); DPB(a7, 7);
+#undef DPB
+        }
+        float *o = st + 16 * (size_t)i0;
+        _mm512_store_ps(o, a0); _mm512_store_ps(o + 16, a1); _mm512_store_ps(o + 32, a2); _mm512_store_ps(o + 48, a3);
+        _mm512_store_ps(o + 64, a4); _mm512_store_ps(o + 80, a5); _mm512_store_ps(o + 96, a6); _mm512_store_ps(o + 112, a7);
+    }
+}
+
+/* s[c][i] = st[i][c] for a 16 x 16 block: 4 x 4 transposes inside 128-bit lanes, then of the lanes */
+static inline void transpose16(const float *st, float *s, size_t stride) {
+    __m512 u[4][4];                          /* u[j][g] lane q: rows 4g .. 4g+3 of column 4q + j */
+    for (int g = 0; g < 4; g++) {
+        const __m512 r0 = _mm512_load_ps(st + 16 * (4 * g)), r1 = _mm512_load_ps(st + 16 * (4 * g + 1));
+        const __m512 r2 = _mm512_load_ps(st + 16 * (4 * g + 2)), r3 = _mm512_load_ps(st + 16 * (4 * g + 3));
+        const __m512 t0 = _mm512_unpacklo_ps(r0, r1), t1 = _mm512_unpackhi_ps(r0, r1);
+        const __m512 t2 = _mm512_unpacklo_ps(r2, r3), t3 = _mm512_unpackhi_ps(r2, r3);
+        u[0][g] = _mm512_shuffle_ps(t0, t2, 0x44); u[1][g] = _mm512_shuffle_ps(t0, t2, 0xEE);
+        u[2][g] = _mm512_shuffle_ps(t1, t3, 0x44); u[3][g] = _mm512_shuffle_ps(t1, t3, 0xEE);
+    }
+    for (int j = 0; j < 4; j++) {
+        const __m512 a = _mm512_shuffle_f32x4(u[j][0], u[j][1], 0x44), b = _mm512_shuffle_f32x4(u[j][0], u[j][1], 0xEE);
+        const __m512 c = _mm512_shuffle_f32x4(u[j][2], u[j][3], 0x44), d = _mm512_shuffle_f32x4(u[j][2], u[j][3], 0xEE);
+        _mm512_storeu_ps(s + (size_t)(0 + j) * stride, _mm512_shuffle_f32x4(a, c, 0x88));
+        _mm512_storeu_ps(s + (size_t)(4 + j) * stride, _mm512_shuffle_f32x4(a, c, 0xDD));
+        _mm512_storeu_ps(s + (size_t)(8 + j) * stride, _mm512_shuffle_f32x4(b, d, 0x88));
+        _mm512_storeu_ps(s + (size_t)(12 + j) * stride, _mm512_shuffle_f32x4(b, d, 0xDD));
     }
 }
 
@@ -508,6 +550,9 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
 #define WS_S(hh) (WS_L(hh) + R4)
 #define WS_W(hh) ((uint32_t *)(WS_S(hh) + (size_t)R4 * FT))
     const int pos_first = S - ql;
+    /* 16 or more bf16 rows (MLA's heads, wide GQA groups, multi-token decode): scores16t */
+    const int use_t = KF == FMT_BF16 && R4 % 16 == 0;
+    uint16_t *tmp_q = use_t ? (uint16_t *)malloc(sizeof(uint16_t) * (size_t)R4 * D) : NULL;
     for (int hh = 0; hh < NH; hh++) {
         const int h = h0 + hh;
         uint16_t *qb = WS_Q(hh);
@@ -532,6 +577,16 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 qs[r] = a->scale * (mx / 32767.f);
             }
         }
+        if (use_t) {                             /* groups of 16 rows: [pair][row] as 32-bit bf16 pairs */
+            uint32_t *qt = (uint32_t *)tmp_q;
+            memcpy(qt, qb, sizeof(uint16_t) * (size_t)R4 * D);
+            const uint32_t *rows = qt;
+            uint32_t *dst = (uint32_t *)qb;
+            for (int g = 0; g < R4 / 16; g++)
+                for (int pi = 0; pi < D / 2; pi++)
+                    for (int r = 0; r < 16; r++)
+                        dst[((size_t)g * (D / 2) + pi) * 16 + r] = rows[(size_t)(16 * g + r) * (D / 2) + pi];
+        }
         for (int r = 0; r < R4; r++) {
             const int hq = h * G + (r % G);
             m[r] = (r < R && a->sinks && split == 0) ? a->sinks[hq] : -INFINITY;  /* the sink counts once */
@@ -550,8 +605,10 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const uint8_t *krow[FT], *vrow[FT], *kh[FT], *vh[FT + 1];
     float st[4 * FT] __attribute__((aligned(64)));  /* a tile's scores of four rows, token-major */
+    float st16[16 * FT] __attribute__((aligned(64)));  /* ... of sixteen rows (scores16t) */
     const int ft = tile_len(KF), NU = ft / 16;
     pf_cursor cur;
+    const int same_kv = a->v == a->k;          /* MLA: V is part of K's rows, fetched once */
     cur.klen = (int64_t)NH * a->k_width;
     cur.vlen = (int64_t)NH * a->v_width;
     /* the regions of tile [t0, t0 + ft) into cur */
@@ -562,7 +619,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             cur.p[i_] = (const char *)(a->k + blk_ * kb + off_ * kt + (int64_t)h0 * a->k_width);      \
             cur.p[m_ + i_] = (const char *)(a->v + blk_ * vb + off_ * vt + (int64_t)h0 * a->v_width); \
         }                                                                                             \
-        cur.n = 2 * m_; cur.idx = 0; cur.off = 0;                                                     \
+        cur.nk = m_; cur.n = same_kv ? m_ : 2 * m_; cur.idx = 0; cur.off = 0;                         \
     } while (0)
     if (lo < hi) {                            /* the first tile: all at once */
         PF_TILE(lo);
@@ -578,7 +635,8 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             vrow[i] = a->v + blk * vb + off * vt;
         }
         PF_TILE(j0 + ft);                     /* the next tile, a few lines per key and head */
-        const int pf_per_key = (int)(((int64_t)cur.n / 2 * ((cur.klen + cur.vlen) / 64 + 2)) / ((int64_t)NH * n) + 1);
+        const int pf_per_key = (int)(((int64_t)cur.nk * (cur.klen / 64 + 1) + (int64_t)(cur.n - cur.nk) * (cur.vlen / 64 + 1))
+                                     / ((int64_t)NH * n) + 1);
         __mmask16 valid[NUMAX];
         for (int u = 0; u < NU; u++) {
             const int nu = n - 16 * u;
@@ -595,7 +653,12 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             }
             vh[n] = zero_row;
             /* scores: four rows at a time, up to 128 dims of their queries in registers */
-            for (int r = 0; r < R4; r += 4) {
+            for (int g = 0; use_t && g < R4 / 16; g++) {
+                scores16t((const uint32_t *)qb + (size_t)g * (D / 2) * 16, D, kh, n, st16, g == 0 ? &cur : NULL, pf_per_key);
+                for (int i0 = 0; i0 < n; i0 += 16)  /* keys past n: garbage the softmax masks off */
+                    transpose16(st16 + 16 * i0, s + (size_t)(16 * g) * FT + i0, FT);
+            }
+            for (int r = 0; !use_t && r < R4; r += 4) {
                 for (int c0 = 0; c0 < D; c0 += 128) {
                     const int first = c0 == 0;
                     pf_cursor *p = r == 0 && c0 == 0 ? &cur : NULL;
@@ -704,6 +767,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
 #undef WS_S
 #undef WS_W
 #undef PF_TILE
+    free(tmp_q);
 }
 
 static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float *ws, int split, float *partial) {
