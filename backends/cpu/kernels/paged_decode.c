@@ -224,7 +224,8 @@ static void decode_item(const decode_args *a, int b, int h, float *ws) {
 /* FT: the longest tile (SPLIT is a multiple); a format's tile holds about 16 KiB of one head's K and V
  * rows, so it stays in L1 between the scores and P.V: 32 tokens of bf16 rows, 64 of 8-bit rows */
 enum { FT = 64, NUMAX = FT / 16 };
-static inline int tile_len(int fmt) { return fmt == FMT_BF16 ? 32 : 64; }
+static inline int tile_len(int fmt) { return fmt == FMT_F32 ? 16 : fmt == FMT_BF16 || fmt == FMT_F16 ? 32 : 64; }
+static inline int is_wide(int fmt) { return fmt == FMT_F16 || fmt == FMT_F32; }  /* fp16/fp32 models: fp32 FMAs */
 
 static const uint8_t zero_row[2 * MAX_DIM] __attribute__((aligned(64)));  /* pads a tile's odd token */
 
@@ -251,7 +252,8 @@ static inline __m128 reduce4i(__m512 a0, __m512 a1, __m512 a2, __m512 a3) { /* t
  * mantissa) and comes out 2^-8 too small: its scale carries the 256. */
 static inline int is_int(int fmt) { return fmt == FMT_INT8 || fmt == FMT_INT6; }  /* int16 products, row scales */
 static inline size_t boff(int fmt, int d) {  /* bytes before value d of a row (d % 32 == 0 for int6) */
-    return fmt == FMT_BF16 ? 2 * (size_t)d : fmt == FMT_INT6 ? 3 * (size_t)d / 4 : (size_t)d;
+    return fmt == FMT_F32 ? 4 * (size_t)d : fmt == FMT_BF16 || fmt == FMT_F16 ? 2 * (size_t)d
+           : fmt == FMT_INT6 ? 3 * (size_t)d / 4 : (size_t)d;
 }
 
 #if defined(__AVX512VBMI__)
@@ -353,6 +355,9 @@ static inline float row_scale(const uint8_t *row, int64_t width, int fmt, const 
 
 static int fast_path_applies(const decode_args *a) {
     const int kf = a->kfmt, vf = a->vfmt;
+    if (is_wide(a->dtype))                   /* fp16/fp32 rows of an fp16/fp32 model */
+        return kf == a->dtype && vf == kf && a->D % 16 == 0 && a->Dv % 64 == 0 && a->k_width == (int64_t)boff(kf, a->D)
+               && a->v_width >= (int64_t)boff(vf, a->Dv);
     const int ok = kf == FMT_BF16 || kf == FMT_INT8 || kf == FMT_E4M3 || kf == FMT_E5M2 || (INT6_OK && kf == FMT_INT6);
     const int64_t k_bytes = (int64_t)boff(kf, a->D) + (is_int(kf) ? 2 : 0);
     return a->dtype == FMT_BF16 && ok && kf == vf && a->D % (lut8(kf) ? 64 : 32) == 0 && a->Dv % 64 == 0 && a->k_width == k_bytes
@@ -360,10 +365,10 @@ static int fast_path_applies(const decode_args *a) {
            && ((kf != FMT_E4M3 && kf != FMT_E5M2) || (a->k_scale && a->v_scale));
 }
 
-/* floats of workspace per KV head: q [R4, D] 16-bit | acc [R4, Dv] | qs, m, l [R4] | s [R4, FT] |
+/* floats of workspace per KV head: q [R4, D] 16-bit (fp32 for fp16/fp32 models) | acc [R4, Dv] | qs, m, l [R4] | s [R4, FT] |
  * w [R4, FT / 2] weight pairs; a multiple of 16 so that every head's block stays 64-byte aligned */
 static inline size_t ws_per_head(int R4, int D, int Dv) {
-    return ((size_t)R4 * D / 2 + (size_t)R4 * Dv + 3 * (size_t)R4 + (size_t)R4 * FT + (size_t)R4 * FT / 2 + 15) & ~(size_t)15;
+    return ((size_t)R4 * D + (size_t)R4 * Dv + 3 * (size_t)R4 + (size_t)R4 * FT + (size_t)R4 * FT / 2 + 15) & ~(size_t)15;
 }
 
 /* Prefetch of the next tile: its rows as regions in address order (per token, the group's heads' K
@@ -439,6 +444,47 @@ static inline void scores16t(const uint32_t *qt, int D, const uint8_t *const *kh
         _mm512_store_ps(o, a0); _mm512_store_ps(o + 16, a1); _mm512_store_ps(o + 32, a2); _mm512_store_ps(o + 48, a3);
         _mm512_store_ps(o + 64, a4); _mm512_store_ps(o + 80, a5); _mm512_store_ps(o + 96, a6); _mm512_store_ps(o + 112, a7);
     }
+}
+
+/* 16 fp16 or fp32 values -> fp32 */
+static inline __m512 ld16f(const uint8_t *p, int fmt) {
+    return fmt == FMT_F32 ? _mm512_loadu_ps(p) : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+
+/* fp16/fp32 rows: st[i][r] = q_r . k_i for four rows, fp32 FMAs over the whole head dim (q in L1) */
+static inline void scores4f(const float *q, int D, const uint8_t *const *kh, int n, const int KF, float *st,
+                            pf_cursor *pf, int pf_per_key) {
+    for (int i = 0; i < n; i++) {
+        if (pf) pf_lines(pf, pf_per_key);
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int d = 0; d < D; d += 16) {
+            const __m512 k = ld16f(kh[i] + boff(KF, d), KF);
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), k, a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + (size_t)D + d), k, a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 2 * (size_t)D + d), k, a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 3 * (size_t)D + d), k, a3);
+        }
+        _mm_storeu_ps(st + 4 * i, reduce4(a0, a1, a2, a3));
+    }
+}
+
+/* fp16/fp32 rows: acc[r][d .. d + 64) += sum_i p[r][i] v_i, fp32 FMAs, dims in order */
+static inline void pv4f(float *acc, int Dv, int d, const float *p, const uint8_t *const *vh, int n, const int VF) {
+    __m512 x[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) x[r][c] = _mm512_loadu_ps(acc + (size_t)r * Dv + d + 16 * c);
+    for (int i = 0; i < n; i++) {
+        const uint8_t *vp = vh[i] + boff(VF, d);
+        const __m512 v0 = ld16f(vp, VF), v1 = ld16f(vp + boff(VF, 16), VF);
+        const __m512 v2 = ld16f(vp + boff(VF, 32), VF), v3 = ld16f(vp + boff(VF, 48), VF);
+        for (int r = 0; r < 4; r++) {
+            const __m512 w = _mm512_set1_ps(p[(size_t)r * FT + i]);
+            x[r][0] = _mm512_fmadd_ps(w, v0, x[r][0]); x[r][1] = _mm512_fmadd_ps(w, v1, x[r][1]);
+            x[r][2] = _mm512_fmadd_ps(w, v2, x[r][2]); x[r][3] = _mm512_fmadd_ps(w, v3, x[r][3]);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc + (size_t)r * Dv + d + 16 * c, x[r][c]);
 }
 
 /* s[c][i] = st[i][c] for a 16 x 16 block: 4 x 4 transposes inside 128-bit lanes, then of the lanes */
@@ -517,6 +563,10 @@ static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d,
 /* an accumulator row from the interleaved order of pv4 (per 32 dims: the unpacklo lanes, then the
  * unpackhi lanes; fp8 table rows: per 64 dims, see lut_dim) back to dims in order, times `mul` */
 static inline void unpermute(float *dst, const float *acc, int Dv, float mul, int lut) {
+    if (lut == 2) {                          /* in order already (fp16/fp32 rows) */
+        for (int d = 0; d < Dv; d++) dst[d] = mul * acc[d];
+        return;
+    }
     if (lut) {                               /* ld64_fp8 order: position 16 c + 4 L + k holds dim 16 L + 4 c + k */
         for (int d = 0; d < Dv; d += 64)
             for (int c = 0; c < 4; c++)
@@ -543,7 +593,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     const int R = ql * G, R4 = (R + 3) & ~3, D = a->D, Dv = a->Dv, NH = h1 - h0;
     const size_t per_head = ws_per_head(R4, D, Dv);
 #define WS_Q(hh) ((uint16_t *)(ws + (hh) * per_head))
-#define WS_ACC(hh) (ws + (hh) * per_head + (size_t)R4 * D / 2)
+#define WS_ACC(hh) (ws + (hh) * per_head + (size_t)R4 * D)
 #define WS_QS(hh) (WS_ACC(hh) + (size_t)R4 * Dv)
 #define WS_M(hh) (WS_QS(hh) + R4)
 #define WS_L(hh) (WS_M(hh) + R4)
@@ -557,13 +607,18 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
         const int h = h0 + hh;
         uint16_t *qb = WS_Q(hh);
         float *qs = WS_QS(hh), *m = WS_M(hh), *l = WS_L(hh);
-        memset(qb, 0, sizeof(uint16_t) * (size_t)R4 * D);
+        memset(qb, 0, sizeof(float) * (size_t)R4 * D);
         for (int r = 0; r < R4; r++) qs[r] = 0.f;
         for (int r = 0; r < R; r++) {
             const int t = r / G, hq = h * G + r % G;
             const uint16_t *src = (const uint16_t *)a->q + ((size_t)(q0 + t) * a->Hq + hq) * D;
             const float ks = is_int(KF) ? 1.f : row_scale(NULL, 0, KF, a->k_scale, h);
-            if (lut8(KF)) {                      /* bf16 query, dims in ld64_fp8's order */
+            if (is_wide(KF)) {                   /* fp32 query */
+                float *qf = (float *)qb + (size_t)r * D;
+                if (KF == FMT_F32) memcpy(qf, (const float *)a->q + ((size_t)(q0 + t) * a->Hq + hq) * D, 4 * (size_t)D);
+                else load_row(qf, (const uint8_t *)src, FMT_F16, D);
+                qs[r] = a->scale;
+            } else if (lut8(KF)) {                      /* bf16 query, dims in ld64_fp8's order */
                 for (int d = 0; d < D; d++) qb[(size_t)r * D + d] = src[d / 64 * 64 + lut_dim(d % 64)];
                 qs[r] = a->scale * ks;
             } else if (!is_int(KF)) {            /* bf16 query as given */
@@ -658,7 +713,11 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 for (int i0 = 0; i0 < n; i0 += 16)  /* keys past n: garbage the softmax masks off */
                     transpose16(st16 + 16 * i0, s + (size_t)(16 * g) * FT + i0, FT);
             }
-            for (int r = 0; !use_t && r < R4; r += 4) {
+            for (int r = 0; is_wide(KF) && r < R4; r += 4) {
+                scores4f((const float *)qb + (size_t)r * D, D, kh, n, KF, st, r == 0 ? &cur : NULL, pf_per_key);
+                rows4(s + (size_t)r * FT, st, n);
+            }
+            for (int r = 0; !use_t && !is_wide(KF) && r < R4; r += 4) {
                 for (int c0 = 0; c0 < D; c0 += 128) {
                     const int first = c0 == 0;
                     pf_cursor *p = r == 0 && c0 == 0 ? &cur : NULL;
@@ -711,7 +770,11 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 const float mt = _mm512_reduce_max_ps(xm), m_new = mt > m[r] ? mt : m[r];
                 uint32_t *wr = w + (size_t)r * (FT / 2);
                 wscale[r] = 0.f;
-                if (m_new == -INFINITY) { memset(wr, 0, sizeof(uint32_t) * (FT / 2)); continue; }  /* nothing visible yet */
+                if (m_new == -INFINITY) {        /* nothing visible yet: weights 0 */
+                    memset(wr, 0, sizeof(uint32_t) * (FT / 2));
+                    if (is_wide(VF)) memset(sr, 0, sizeof(float) * FT);
+                    continue;
+                }
                 const __m512 mn = _mm512_set1_ps(m_new);
                 __m512 pu[NUMAX], psum = _mm512_setzero_ps();
                 for (int u = 0; u < NU; u++) {
@@ -722,7 +785,9 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 l[r] = l[r] * alpha + _mm512_reduce_add_ps(psum);
                 m[r] = m_new;
                 if (alpha != 1.f) scal(acc + (size_t)r * Dv, alpha, Dv);
-                if (is_int(VF)) {                /* weight p * row scale, as int16 against the tile's largest */
+                if (is_wide(VF)) {               /* fp32 weights, in place of the scores */
+                    for (int u = 0; u < NU; u++) _mm512_storeu_ps(sr + 16 * u, pu[u]);
+                } else if (is_int(VF)) {         /* weight p * row scale, as int16 against the tile's largest */
                     __m512 wu[NUMAX], wm = _mm512_setzero_ps();
                     for (int u = 0; u < NU; u++) { wu[u] = _mm512_mul_ps(pu[u], vmul[u]); wm = _mm512_max_ps(wm, wu[u]); }
                     const float wmax = _mm512_reduce_max_ps(wm);
@@ -735,7 +800,11 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                         _mm512_storeu_si512(wr + 8 * u, (__m512i)_mm512_cvtne2ps_pbh(pu[u + 1], pu[u]));
                 }
             }
-            for (int r = 0; r < R4; r += 4)
+            for (int r = R; is_wide(VF) && r < R4; r++) memset(s + (size_t)r * FT, 0, sizeof(float) * FT);
+            for (int r = 0; is_wide(VF) && r < R4; r += 4)
+                for (int d = 0; d < Dv; d += 64)
+                    pv4f(acc + (size_t)r * Dv, Dv, d, s + (size_t)r * FT, vh, n, VF);
+            for (int r = 0; !is_wide(VF) && r < R4; r += 4)
                 for (int d = 0; d < Dv; d += 64)
                     pv4(acc + (size_t)r * Dv, Dv, d, w + (size_t)r * (FT / 2), wscale + r, vh, npairs, VF);
         }
@@ -748,14 +817,14 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
         for (int r = 0; r < R; r++) {
             if (partial) {
                 float *dst = partial + ((size_t)hh * R + r) * (Dv + 2);
-                unpermute(dst, acc + (size_t)r * Dv, Dv, vs, lut8(VF));
+                unpermute(dst, acc + (size_t)r * Dv, Dv, vs, is_wide(VF) ? 2 : lut8(VF));
                 dst[Dv] = m[r];
                 dst[Dv + 1] = l[r];
                 continue;
             }
             const int t = r / G, hq = h * G + r % G;
-            unpermute(o, acc + (size_t)r * Dv, Dv, l[r] > 0.f ? vs / l[r] : 0.f, lut8(VF));
-            store_row((uint16_t *)a->out + ((size_t)(q0 + t) * a->Hq + hq) * Dv, o, a->dtype, Dv);
+            unpermute(o, acc + (size_t)r * Dv, Dv, l[r] > 0.f ? vs / l[r] : 0.f, is_wide(VF) ? 2 : lut8(VF));
+            store_row((uint8_t *)a->out + ((size_t)(q0 + t) * a->Hq + hq) * Dv * (a->dtype == FMT_F32 ? 4 : 2), o, a->dtype, Dv);
             if (a->lse) a->lse[(size_t)(q0 + t) * a->Hq + hq] = l[r] > 0.f ? m[r] + logf(l[r]) : -INFINITY;
         }
     }
@@ -777,6 +846,8 @@ static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float 
     case FMT_INT6: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_INT6, FMT_INT6); break;
 #endif
     case FMT_E4M3: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_E4M3, FMT_E4M3); break;
+    case FMT_F16: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_F16, FMT_F16); break;
+    case FMT_F32: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_F32, FMT_F32); break;
     case FMT_E5M2: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_E5M2, FMT_E5M2); break;
     default: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_BF16, FMT_BF16); break;
     }
@@ -805,7 +876,7 @@ static void merge_splits(const decode_args *a, int b, int h0, int h1, int nsplit
                 }
             int t = r / G, hq = (h0 + hh) * G + r % G;
             scal(o, L > 0.f ? 1.f / L : 0.f, Dv);
-            store_row((uint16_t *)a->out + ((size_t)(q0 + t) * a->Hq + hq) * Dv, o, a->dtype, Dv);
+            store_row((uint8_t *)a->out + ((size_t)(q0 + t) * a->Hq + hq) * Dv * (a->dtype == FMT_F32 ? 4 : 2), o, a->dtype, Dv);
             if (a->lse) a->lse[(size_t)(q0 + t) * a->Hq + hq] = L > 0.f ? M + logf(L) : -INFINITY;
         }
 }
