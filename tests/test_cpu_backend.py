@@ -200,11 +200,11 @@ def test_native_decode_splits_long_sequences_exactly(opts: dict) -> None:
     assert torch.equal(alone, out[:1])  # batch invariance with splits
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "int6", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "int6", "int4", "fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("opts", OPTION_SETS[:3] + OPTION_SETS[-1:], ids=lambda o: "-".join(sorted(o)))
 def test_native_decode_of_quantized_rows_matches_torch_and_reference(monkeypatch: pytest.MonkeyPatch, kv_dtype: str,
                                                                      opts: dict) -> None:
-    """int8/int6/fp8 rows decoded inside the native kernel equal attention on the cache's exact values
+    """int8/int6/int4/fp8 rows decoded inside the native kernel equal attention on the cache's exact values
     (stored value x scale), as the torch path does."""
     native = pytest.importorskip("hal.backends.cpu.kernels.paged_decode")
     gen = torch.Generator().manual_seed(13)
@@ -236,7 +236,7 @@ def test_native_decode_of_quantized_rows_matches_torch_and_reference(monkeypatch
     assert (results["native"].double() - results["torch"].double()).abs().max() < 3e-2
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "int6", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "int6", "int4", "fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("d", [96, 64, 160])
 def test_quantized_decode_on_head_dims_either_path_takes(kv_dtype: str, d: int) -> None:
     """Head dims the native kernel declines for quantized rows (Dv % 64 != 0) go to the torch path;

@@ -33,7 +33,7 @@
 #include "simd.h"
 #endif
 
-enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_INT8 = 3, FMT_E4M3 = 4, FMT_E5M2 = 5, FMT_INT6 = 6 };
+enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_INT8 = 3, FMT_E4M3 = 4, FMT_E5M2 = 5, FMT_INT6 = 6, FMT_INT4 = 7 };
 enum { TILE = 16, MAX_ROWS = 256, MAX_DIM = 1024, SPLIT = 512 };  /* SPLIT: keys per split of the AVX-512 path */
 
 typedef struct {
@@ -250,14 +250,16 @@ static inline __m128 reduce4i(__m512 a0, __m512 a1, __m512 a2, __m512 a3) { /* t
 /* Quantized rows (hal/kv_formats.py): int8 values then the row's fp16 scale; fp8 bit patterns with a
  * per-head scale. e4m3 goes through fp16 (its 7 magnitude bits shifted into fp16's exponent and
  * mantissa) and comes out 2^-8 too small: its scale carries the 256. */
-static inline int is_int(int fmt) { return fmt == FMT_INT8 || fmt == FMT_INT6; }  /* int16 products, row scales */
+static inline int is_int(int fmt) { return fmt == FMT_INT8 || fmt == FMT_INT6 || fmt == FMT_INT4; }  /* int16 products */
+static inline int is_grp(int fmt) { return fmt == FMT_INT4; }  /* a scale per 32 channels, not per row */
+static inline int row_scaled(int fmt) { return is_int(fmt) && !is_grp(fmt); }
 static inline size_t boff(int fmt, int d) {  /* bytes before value d of a row (d % 32 == 0 for int6) */
     return fmt == FMT_F32 ? 4 * (size_t)d : fmt == FMT_BF16 || fmt == FMT_F16 ? 2 * (size_t)d
-           : fmt == FMT_INT6 ? 3 * (size_t)d / 4 : (size_t)d;
+           : fmt == FMT_INT6 ? 3 * (size_t)d / 4 : fmt == FMT_INT4 ? (size_t)d / 2 : (size_t)d;
 }
 
 #if defined(__AVX512VBMI__)
-#define INT6_OK 1
+#define INT6_OK 1  /* int6 and int4 rows need VPERMB */
 /* int6: word i holds bytes 6i / 8 and the next; its field starts at bit (6i) % 8 = 0, 6, 4, 2 */
 static inline __m512i int6_shift(void) {   /* shift that puts the field's top bit at bit 15: 10 - start */
     return _mm512_set1_epi64(0x800060004000aLL);
@@ -277,6 +279,15 @@ static inline __m512i ld32(const uint8_t *p, int fmt) {
                                               0x1514141313121312LL, 0x1817171616151615LL);
         __m512i w = _mm512_permutexvar_epi8(idx, _mm512_maskz_loadu_epi8(0xffffffULL, p));
         return _mm512_srai_epi16(_mm512_sllv_epi16(w, int6_shift()), 10);
+    }
+    if (fmt == FMT_INT4) {                   /* 32 nibbles in 16 bytes: word i holds byte i / 2, shifted so
+                                              * that its nibble (low for even i) tops bit 15, then back */
+        const __m512i idx = _mm512_set_epi8(15, 15, 15, 15, 14, 14, 14, 14, 13, 13, 13, 13, 12, 12, 12, 12,
+                                            11, 11, 11, 11, 10, 10, 10, 10, 9, 9, 9, 9, 8, 8, 8, 8,
+                                            7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4,
+                                            3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);  /* byte j: j / 4 */
+        __m512i w = _mm512_permutexvar_epi8(idx, _mm512_maskz_loadu_epi8(0xffffULL, p));
+        return _mm512_srai_epi16(_mm512_sllv_epi16(w, _mm512_set1_epi32(0x0008000c)), 12);
     }
 #endif
     __m256i x = _mm256_loadu_si256((const __m256i *)p);
@@ -347,7 +358,7 @@ static inline __m512 dp(__m512 acc, __m512i x, __m512i y, int fmt) { /* acc += p
 
 /* the factor a row's stored values are multiplied by */
 static inline float row_scale(const uint8_t *row, int64_t width, int fmt, const float *head_scale, int h) {
-    if (is_int(fmt)) { uint16_t sc; memcpy(&sc, row + width - 2, 2); return f16_to_f32(sc); }
+    if (row_scaled(fmt)) { uint16_t sc; memcpy(&sc, row + width - 2, 2); return f16_to_f32(sc); }
     if (fmt == FMT_E4M3) return head_scale[h] * (FP8_LUT ? 1.f : 256.f);  /* ld32's fp16 route is 2^-8 off */
     if (fmt == FMT_E5M2) return head_scale[h];
     return 1.f;
@@ -358,17 +369,18 @@ static int fast_path_applies(const decode_args *a) {
     if (is_wide(a->dtype))                   /* fp16/fp32 rows of an fp16/fp32 model */
         return kf == a->dtype && vf == kf && a->D % 16 == 0 && a->Dv % 64 == 0 && a->k_width == (int64_t)boff(kf, a->D)
                && a->v_width >= (int64_t)boff(vf, a->Dv);
-    const int ok = kf == FMT_BF16 || kf == FMT_INT8 || kf == FMT_E4M3 || kf == FMT_E5M2 || (INT6_OK && kf == FMT_INT6);
-    const int64_t k_bytes = (int64_t)boff(kf, a->D) + (is_int(kf) ? 2 : 0);
+    const int ok = kf == FMT_BF16 || kf == FMT_INT8 || kf == FMT_E4M3 || kf == FMT_E5M2 || (INT6_OK && (kf == FMT_INT6 || kf == FMT_INT4));
+    const int64_t k_bytes = (int64_t)boff(kf, a->D) + (row_scaled(kf) ? 2 : is_grp(kf) ? 2 * (int64_t)(a->D / 32) : 0);
     return a->dtype == FMT_BF16 && ok && kf == vf && a->D % (lut8(kf) ? 64 : 32) == 0 && a->Dv % 64 == 0 && a->k_width == k_bytes
            && a->v_width >= (int64_t)boff(vf, a->Dv)  /* MLA: V is the first Dv channels of K's row */
            && ((kf != FMT_E4M3 && kf != FMT_E5M2) || (a->k_scale && a->v_scale));
 }
 
 /* floats of workspace per KV head: q [R4, D] 16-bit (fp32 for fp16/fp32 models) | acc [R4, Dv] | qs, m, l [R4] | s [R4, FT] |
- * w [R4, FT / 2] weight pairs; a multiple of 16 so that every head's block stays 64-byte aligned */
+ * w [R4, Dv / 32, FT / 2] weight pairs (int4: a set per group); a multiple of 16 so that every head's block stays 64-byte aligned */
 static inline size_t ws_per_head(int R4, int D, int Dv) {
-    return ((size_t)R4 * D + (size_t)R4 * Dv + 3 * (size_t)R4 + (size_t)R4 * FT + (size_t)R4 * FT / 2 + 15) & ~(size_t)15;
+    const size_t ng = Dv / 32 > 1 ? (size_t)Dv / 32 : 1;  /* int4: weights per group of 32 value dims */
+    return ((size_t)R4 * D + (size_t)R4 * Dv + 3 * (size_t)R4 + (size_t)R4 * FT + (size_t)R4 * FT / 2 * ng + 15) & ~(size_t)15;
 }
 
 /* Prefetch of the next tile: its rows as regions in address order (per token, the group's heads' K
@@ -417,10 +429,20 @@ static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int
             } else
 #endif
                 kv = ld32(kh[i] + boff(KF, c0 + 32 * c), KF);
+            if (is_grp(KF)) {                    /* int4: each chunk is a group, times its own scale */
+                uint16_t g16;
+                memcpy(&g16, kh[i] + boff(KF, D) + 2 * ((c0 + 32 * c) / 32), 2);
+                const __m512 sc = _mm512_cvtph_ps(_mm256_set1_epi16((short)g16)), z = _mm512_setzero_ps();
+                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps((__m512i)dp(z, q0[c], kv, KF)), sc, a0);
+                a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps((__m512i)dp(z, q1[c], kv, KF)), sc, a1);
+                a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps((__m512i)dp(z, q2[c], kv, KF)), sc, a2);
+                a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps((__m512i)dp(z, q3[c], kv, KF)), sc, a3);
+                continue;
+            }
             a0 = dp(a0, q0[c], kv, KF); a1 = dp(a1, q1[c], kv, KF);
             a2 = dp(a2, q2[c], kv, KF); a3 = dp(a3, q3[c], kv, KF);
         }
-        const __m128 t = is_int(KF) ? reduce4i(a0, a1, a2, a3) : reduce4(a0, a1, a2, a3);
+        const __m128 t = row_scaled(KF) ? reduce4i(a0, a1, a2, a3) : reduce4(a0, a1, a2, a3);
         _mm_storeu_ps(s + 4 * i, first ? t : _mm_add_ps(t, _mm_loadu_ps(s + 4 * i)));
     }
 }
@@ -526,9 +548,12 @@ static inline void rows4(float *s, const float *st, int n) {
 }
 
 /* acc[r] += sum over token pairs of w[r][pair] . (v_2k, v_2k+1), four rows, dims [d, d + 64). acc is
- * fp32 in the interleaved order; int8 rows accumulate in int32 and add wscale[r] times the sum. */
-static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d, const uint32_t *w, const float *wscale,
-                                                      const uint8_t *const *vh, int npairs, const int VF) {
+ * fp32 in the interleaved order; integer rows accumulate in int32 and add wscale[r] times the sum. Row r's
+ * weights start at w + r * WR; int4 rows have a set per group of 32 dims (FT / 2 apart), and NG scales. */
+static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d, const uint32_t *w, int WR,
+                                                      const float *wscale, int NG, const uint8_t *const *vh,
+                                                      int npairs, const int VF) {
+    const int g0 = is_grp(VF) ? d / 32 : 0, g1 = is_grp(VF) ? g0 + 1 : 0;
     float *a0 = acc + d, *a1 = a0 + Dv, *a2 = a1 + Dv, *a3 = a2 + Dv;
     __m512 x[4][4];
     for (int r = 0; r < 4; r++)
@@ -544,16 +569,18 @@ static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d,
         __m512i L0 = _mm512_unpacklo_epi16(A0, B0), H0 = _mm512_unpackhi_epi16(A0, B0);
         __m512i L1 = _mm512_unpacklo_epi16(A1, B1), H1 = _mm512_unpackhi_epi16(A1, B1);
         for (int r = 0; r < 4; r++) {
-            __m512i wr = _mm512_set1_epi32((int)w[(size_t)r * (FT / 2) + k]);
-            x[r][0] = dp(x[r][0], L0, wr, VF); x[r][1] = dp(x[r][1], H0, wr, VF);
-            x[r][2] = dp(x[r][2], L1, wr, VF); x[r][3] = dp(x[r][3], H1, wr, VF);
+            const __m512i w0 = _mm512_set1_epi32((int)w[(size_t)r * WR + g0 * (FT / 2) + k]);
+            const __m512i w1 = _mm512_set1_epi32((int)w[(size_t)r * WR + g1 * (FT / 2) + k]);
+            x[r][0] = dp(x[r][0], L0, w0, VF); x[r][1] = dp(x[r][1], H0, w0, VF);
+            x[r][2] = dp(x[r][2], L1, w1, VF); x[r][3] = dp(x[r][3], H1, w1, VF);
         }
     }
     float *rows[4] = {a0, a1, a2, a3};
     for (int r = 0; r < 4; r++)
         for (int c = 0; c < 4; c++) {
             if (is_int(VF))
-                _mm512_storeu_ps(rows[r] + 16 * c, _mm512_fmadd_ps(_mm512_set1_ps(wscale[r]), _mm512_cvtepi32_ps((__m512i)x[r][c]),
+                _mm512_storeu_ps(rows[r] + 16 * c, _mm512_fmadd_ps(_mm512_set1_ps(wscale[r * NG + (c < 2 ? g0 : g1)]),
+                                                                   _mm512_cvtepi32_ps((__m512i)x[r][c]),
                                                                    _mm512_loadu_ps(rows[r] + 16 * c)));
             else
                 _mm512_storeu_ps(rows[r] + 16 * c, x[r][c]);
@@ -602,6 +629,8 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     const int pos_first = S - ql;
     /* 16 or more bf16 rows (MLA's heads, wide GQA groups, multi-token decode): scores16t */
     const int use_t = KF == FMT_BF16 && R4 % 16 == 0;
+    const int NG = is_grp(VF) ? Dv / 32 : 1, WR = (FT / 2) * NG;  /* weight sets per row (int4: per group) */
+    const int vrow_dim = is_grp(VF) ? (int)(a->v_width * 16 / 9) : Dv;  /* int4 V rows: dim/2 + dim/16 bytes */
     uint16_t *tmp_q = use_t ? (uint16_t *)malloc(sizeof(uint16_t) * (size_t)R4 * D) : NULL;
     for (int hh = 0; hh < NH; hh++) {
         const int h = h0 + hh;
@@ -648,7 +677,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             l[r] = (r < R && a->sinks && split == 0) ? 1.f : 0.f;
         }
         memset(WS_ACC(hh), 0, sizeof(float) * (size_t)R4 * Dv);
-        memset(WS_W(hh), 0, sizeof(uint32_t) * (size_t)R4 * (FT / 2));
+        memset(WS_W(hh), 0, sizeof(uint32_t) * (size_t)R4 * (FT / 2) * NG);
         memset(WS_S(hh), 0, sizeof(float) * (size_t)R4 * FT);
     }
     int hi = S < (split + 1) * SPLIT ? S : (split + 1) * SPLIT;
@@ -735,7 +764,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
              * int16) pairs */
             __m512 kmul[NUMAX], vmul[NUMAX];
             for (int u = 0; u < NU; u++) kmul[u] = vmul[u] = _mm512_set1_ps(1.f);
-            if (is_int(KF)) {                    /* the rows' fp16 scales, converted 16 at a time */
+            if (row_scaled(KF)) {                /* the rows' fp16 scales, converted 16 at a time */
                 uint16_t tk[FT] = {0}, tv[FT] = {0};
                 for (int i = 0; i < n; i++) {
                     memcpy(tk + i, kh[i] + a->k_width - 2, 2);
@@ -746,7 +775,11 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                     vmul[u] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tv + 16 * u)));
                 }
             }
-            float wscale[MAX_ROWS];
+            float wscale[R4 * NG];
+            uint16_t tg[MAX_DIM / 32][FT];       /* int4 V: each token's group scales, per group */
+            if (is_grp(VF))
+                for (int i = 0; i < n; i++)
+                    for (int g = 0; g < NG; g++) memcpy(&tg[g][i], vh[i] + boff(VF, vrow_dim) + 2 * g, 2);
             for (int r = 0; r < R; r++) {
                 const int p_r = pos_first + r / G, hq = h * G + r % G;
                 float *sr = s + (size_t)r * FT;
@@ -768,10 +801,10 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 __m512 xm = x[0];
                 for (int u = 1; u < NU; u++) xm = _mm512_max_ps(xm, x[u]);
                 const float mt = _mm512_reduce_max_ps(xm), m_new = mt > m[r] ? mt : m[r];
-                uint32_t *wr = w + (size_t)r * (FT / 2);
-                wscale[r] = 0.f;
+                uint32_t *wr = w + (size_t)r * WR;
+                for (int g = 0; g < NG; g++) wscale[r * NG + g] = 0.f;
                 if (m_new == -INFINITY) {        /* nothing visible yet: weights 0 */
-                    memset(wr, 0, sizeof(uint32_t) * (FT / 2));
+                    memset(wr, 0, sizeof(uint32_t) * WR);
                     if (is_wide(VF)) memset(sr, 0, sizeof(float) * FT);
                     continue;
                 }
@@ -787,6 +820,21 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 if (alpha != 1.f) scal(acc + (size_t)r * Dv, alpha, Dv);
                 if (is_wide(VF)) {               /* fp32 weights, in place of the scores */
                     for (int u = 0; u < NU; u++) _mm512_storeu_ps(sr + 16 * u, pu[u]);
+                } else if (is_grp(VF)) {         /* int4: per group, weight p * group scale, as int16 */
+                    for (int g = 0; g < NG; g++) {
+                        __m512 wu[NUMAX], wm = _mm512_setzero_ps();
+                        for (int u = 0; u < NU; u++) {
+                            const __m512 gs = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tg[g] + 16 * u)));
+                            wu[u] = _mm512_maskz_mov_ps(vis[u], _mm512_mul_ps(pu[u], gs));
+                            wm = _mm512_max_ps(wm, wu[u]);
+                        }
+                        const float wmax = _mm512_reduce_max_ps(wm);
+                        const __m512 k = _mm512_set1_ps(wmax > 0.f ? 32767.f / wmax : 0.f);
+                        for (int u = 0; u < NU; u++)
+                            _mm256_storeu_si256((__m256i *)(wr + g * (FT / 2) + 8 * u),
+                                                _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(wu[u], k))));
+                        wscale[r * NG + g] = wmax / 32767.f;
+                    }
                 } else if (is_int(VF)) {         /* weight p * row scale, as int16 against the tile's largest */
                     __m512 wu[NUMAX], wm = _mm512_setzero_ps();
                     for (int u = 0; u < NU; u++) { wu[u] = _mm512_mul_ps(pu[u], vmul[u]); wm = _mm512_max_ps(wm, wu[u]); }
@@ -794,7 +842,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                     const __m512 k = _mm512_set1_ps(wmax > 0.f ? 32767.f / wmax : 0.f);
                     for (int u = 0; u < NU; u++)
                         _mm256_storeu_si256((__m256i *)(wr + 8 * u), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(wu[u], k))));
-                    wscale[r] = wmax / 32767.f;
+                    wscale[r * NG] = wmax / 32767.f;
                 } else {
                     for (int u = 0; u < NU; u += 2)
                         _mm512_storeu_si512(wr + 8 * u, (__m512i)_mm512_cvtne2ps_pbh(pu[u + 1], pu[u]));
@@ -806,7 +854,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                     pv4f(acc + (size_t)r * Dv, Dv, d, s + (size_t)r * FT, vh, n, VF);
             for (int r = 0; !is_wide(VF) && r < R4; r += 4)
                 for (int d = 0; d < Dv; d += 64)
-                    pv4(acc + (size_t)r * Dv, Dv, d, w + (size_t)r * (FT / 2), wscale + r, vh, npairs, VF);
+                    pv4(acc + (size_t)r * Dv, Dv, d, w + (size_t)r * WR, WR, wscale + r * NG, NG, vh, npairs, VF);
         }
     }
     for (int hh = 0; hh < NH; hh++) {
@@ -844,6 +892,7 @@ static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float 
     case FMT_INT8: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_INT8, FMT_INT8); break;
 #if INT6_OK
     case FMT_INT6: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_INT6, FMT_INT6); break;
+    case FMT_INT4: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_INT4, FMT_INT4); break;
 #endif
     case FMT_E4M3: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_E4M3, FMT_E4M3); break;
     case FMT_F16: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_F16, FMT_F16); break;
@@ -887,7 +936,7 @@ static void merge_splits(const decode_args *a, int b, int h0, int h1, int nsplit
 int hal_decode_supports(int dtype, int kfmt, int vfmt, int D, int Dv) {
     if (kfmt <= FMT_BF16 && vfmt <= FMT_BF16) return 1;
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-    return dtype == FMT_BF16 && kfmt > FMT_BF16 && vfmt > FMT_BF16 && (kfmt != FMT_INT6 || INT6_OK)
+    return dtype == FMT_BF16 && kfmt > FMT_BF16 && vfmt > FMT_BF16 && ((kfmt != FMT_INT6 && kfmt != FMT_INT4) || INT6_OK)
            && D % (lut8(kfmt) ? 64 : 32) == 0 && Dv % 64 == 0;
 #else
     (void)dtype; (void)D; (void)Dv;

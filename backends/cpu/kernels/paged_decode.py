@@ -15,7 +15,7 @@ from hal.plan import Plan
 from . import load
 
 _FMT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_KV_FMT = {"int8": 3, "fp8_e4m3": 4, "fp8_e5m2": 5, "int6": 6}  # quantized rows the kernel decodes (hal/kv_formats.py)
+_KV_FMT = {"int8": 3, "fp8_e4m3": 4, "fp8_e5m2": 5, "int6": 6, "int4": 7}  # quantized rows the kernel decodes (hal/kv_formats.py)
 MAX_Q_LEN = 16  # longer query runs (prefill chunks) go to the tiled torch kernel
 MAX_ROWS, MAX_DIM = 256, 1024  # as in paged_decode.c
 
