@@ -185,6 +185,9 @@ def test_run_in_process_reports_every_case_and_baseline() -> None:
             assert r.status == "ok" and len(r.seconds) == TINY.min_reps and r.gbps
             assert (r.speedup is None) == (r.name in ("hal", "memcpy"))
             assert bool(r.tflops) == (r.name != "memcpy")
+        if c.kind == "decode" and "int8" in c.label:  # the format's gain, measured in the same rounds
+            unq = c.impl("hal-bf16")
+            assert unq is not None and unq.speedup == pytest.approx(unq.per_layer_s / c.impl("hal").per_layer_s)
         if c.kind != "prefill":  # "% of copy" is against the memcpy timed in the case's own rounds
             copy = c.impl("memcpy")
             assert copy is not None and copy.frac_copy_bw == pytest.approx(1.0)

@@ -127,12 +127,22 @@ def _build_decode(c: CaseSpec, backend: Any, device: torch.device, layers: int, 
     for layer in range(layers):
         kc[layer].copy_(k.view(B, S, s.hkv, s.d).transpose(1, 2))
         vc[layer].copy_(v.view(B, S, s.hkv, s.dv).transpose(1, 2))
+    unq = None  # a quantized case also times hal on the same KV unquantized, in the same rounds
+    if c.kv_dtype != "auto":
+        unq = hal.KVCache(hal.KVCacheSpec(layers, s.hkv, s.d, v_head_dim=s.dv, block_size=s.block_size,
+                                          dtype=c.dtype), num_blocks, backend=backend, device=device)
+        for layer in range(layers):
+            unq.write(layer, k, v, slots_dev)
+        unq_plan, _ = _plan(unq, table, B, S)
     del k, v
     ids = table.reshape(-1)
     need = table.shape[1]
 
     def hal_layer(layer: int) -> Any:
         return hal.paged_attention(q, cache, layer, plan)
+
+    def unq_layer(layer: int) -> Any:
+        return hal.paged_attention(q, unq, layer, unq_plan)
 
     def sdpa_layer(layer: int) -> Any:
         return F.scaled_dot_product_attention(q4, kc[layer], vc[layer], enable_gqa=True)
@@ -149,6 +159,9 @@ def _build_decode(c: CaseSpec, backend: Any, device: torch.device, layers: int, 
         return F.scaled_dot_product_attention(q4, kg, vg, enable_gqa=True)
 
     impls = _layer_impls(c, layers, hal_layer, sdpa_layer, packed_layer, gather_layer)
+    if unq is not None:  # its "hal speedup" is what the format gains over the model dtype
+        impls[f"hal-{c.dtype}"] = Impl(_over_layers(unq_layer), lambda: unq_layer(0), c.model_bytes_per_layer(),
+                                       c.flops_per_layer())
     shape = dict(model=s.name, hq=s.hq, hkv=s.hkv, head_dim=s.d, v_head_dim=s.dv, block_size=s.block_size,
                  batch=B, context=S, kv_dtype=c.kv_dtype, dtype=c.dtype, layers=layers,
                  pages="randomly permuted", bytes_per_token_layer=cache.bytes_per_token // layers)

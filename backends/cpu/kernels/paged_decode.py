@@ -80,9 +80,9 @@ def _row_format(spec: object, q: torch.Tensor) -> int | None:
 
 
 def applies(storage: object, q: torch.Tensor) -> bool:
-    """Whether the native kernel serves this cache: auto rows of q's dtype, or int8/fp8 rows with a bf16
-    model (the AVX-512 BF16 build). An MLA cache is MQA over its [c_kv; k_pe] rows whose value is their
-    first kv_lora_rank channels."""
+    """Whether the native kernel serves this cache: auto rows of q's dtype, or int8/int6/int4/fp8 rows with
+    a bf16 model (the AVX-512 BF16 build; int6/int4, and fp8 by table, need AVX512-VBMI). An MLA cache is
+    MQA over its [c_kv; k_pe] rows whose value is their first kv_lora_rank channels."""
     spec = storage.spec  # type: ignore[attr-defined]
     fmt = _row_format(spec, q)
     if fmt is None or q.dtype not in _FMT or spec.head_dim > MAX_DIM or spec.v_head_dim > MAX_DIM:
