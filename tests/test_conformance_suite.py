@@ -78,3 +78,18 @@ def test_cpu_passes_the_quick_level_with_native_kernels_off() -> None:
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:]
     assert "FAIL" not in res.stdout
+
+
+def test_cpu_passes_the_quick_level_with_kernels_built_for_avx2() -> None:
+    # a machine without AVX-512 builds the plain paths of the C kernels; they keep the contract too
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HAL_CPU_MARCH="x86-64-v3")
+    res = subprocess.run([sys.executable, "-m", "hal", "conformance", "--backend", "cpu"], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "FAIL" not in res.stdout
+    info = subprocess.run([sys.executable, "-m", "hal", "info"], env=env, capture_output=True, text=True, timeout=300)
+    assert "paged_decode native" in info.stdout, info.stdout[-2000:]

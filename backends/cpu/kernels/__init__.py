@@ -1,6 +1,6 @@
 """Native kernels of the cpu backend: C compiled on first use for the machine that runs it.
 
-``gcc -O3 -march=native -fopenmp`` builds each source once per machine into hal's cache folder
+``gcc -O3 -march=native -fopenmp`` (``HAL_CPU_MARCH`` sets -march) builds each source once per machine into hal's cache folder
 (``HAL_CACHE_DIR``), keyed by the source, the flags and the CPU's feature flags, so a machine
 with AVX-512 gets the AVX-512 paths and one without gets plain C loops. When no compiler is
 found, or ``HAL_CPU_KERNELS=torch``, the backend runs its PyTorch implementation instead and
@@ -21,7 +21,7 @@ from pathlib import Path
 from hal import config
 
 _HERE = Path(__file__).parent
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wall", "-lm"]
+_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wall", "-lm"]  # and -march=HAL_CPU_MARCH
 _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL | str] = {}  # source name -> library, or the reason it is unavailable
 
@@ -44,15 +44,16 @@ def _build(name: str) -> ctypes.CDLL | str:
     cc = shutil.which(wanted) if wanted else (shutil.which("gcc") or shutil.which("cc"))
     if cc is None:
         return f"C compiler {wanted!r} (HAL_CC) not found" if wanted else "no C compiler found (install gcc, or set HAL_CC)"
+    flags = [f"-march={config.get('HAL_CPU_MARCH')}", *_FLAGS]
     src = (_HERE / f"{name}.c").read_bytes() + b"".join(h.read_bytes() for h in sorted(_HERE.glob("*.h")))
-    key = hashlib.sha256(src + " ".join([cc, *_FLAGS]).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _cpu_flags().encode()).hexdigest()[:16]
     out_dir = Path(str(config.get("HAL_CACHE_DIR"))).expanduser() / "kernels"
     lib_path = out_dir / f"{name}-{key}.so"
     if not lib_path.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             tmp_lib = Path(tmp) / lib_path.name
-            res = subprocess.run([cc, str(_HERE / f"{name}.c"), "-o", str(tmp_lib), *_FLAGS],
+            res = subprocess.run([cc, str(_HERE / f"{name}.c"), "-o", str(tmp_lib), *flags],
                                  capture_output=True, text=True)
             if res.returncode != 0:
                 return f"{cc} failed on {name}.c: {res.stderr.strip()[-400:]}"

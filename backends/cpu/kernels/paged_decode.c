@@ -28,9 +28,16 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
+#endif
 #include "simd.h"
+/* the fast path: AVX-512 with BF16 dot products and VNNI (every CPU with AVX512-BF16 has both) */
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) \
+    && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define HAL_FAST 1
+#else
+#define HAL_FAST 0
 #endif
 
 enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_INT8 = 3, FMT_E4M3 = 4, FMT_E5M2 = 5, FMT_INT6 = 6, FMT_INT4 = 7 };
@@ -72,8 +79,19 @@ static inline float f16_to_f32(uint16_t h) {
 static inline uint16_t f32_to_f16(float f) {
 #if defined(__F16C__)
     return (uint16_t)_cvtss_sh(f, 0);
-#else
-    __fp16 h = (__fp16)f; uint16_t u; memcpy(&u, &h, 2); return u;
+#else                                        /* round to nearest even, by hand */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);                 /* NaN */
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);                /* rounds past 65504: Inf */
+    if (a < 0x38800000u) {                                                   /* fp16 subnormal or 0 */
+        float m;
+        memcpy(&m, &a, 4);
+        return (uint16_t)(sign | (uint32_t)lrintf(m * 16777216.f));          /* units of 2^-24, exact rounding */
+    }
+    const uint32_t r = a + 0xfffu + ((a >> 13) & 1u);                        /* round the 13 dropped bits */
+    return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
 #endif
 }
 
@@ -209,7 +227,7 @@ static void decode_item(const decode_args *a, int b, int h, float *ws) {
         }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if HAL_FAST
 /* ---- the AVX-512 BF16 path: bf16 model; bf16, int8 or fp8 rows; D % 32 == 0 (fp8 through the table:
  * D % 64 == 0), Dv % 64 == 0 ----
  * Both products run on dot-product instructions that take pairs of 16-bit values and sum in 32 bits:
@@ -935,7 +953,7 @@ static void merge_splits(const decode_args *a, int b, int h0, int h1, int nsplit
  * only on the AVX-512 BF16 path (bf16 model, D % 32 == 0 (fp8 with VBMI: % 64), Dv % 64 == 0). */
 int hal_decode_supports(int dtype, int kfmt, int vfmt, int D, int Dv) {
     if (kfmt <= FMT_BF16 && vfmt <= FMT_BF16) return 1;
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if HAL_FAST
     return dtype == FMT_BF16 && kfmt > FMT_BF16 && vfmt > FMT_BF16 && ((kfmt != FMT_INT6 && kfmt != FMT_INT4) || INT6_OK)
            && D % (lut8(kfmt) ? 64 : 32) == 0 && Dv % 64 == 0;
 #else
@@ -954,8 +972,8 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
         if (a->active[b] && r > max_rows) max_rows = r;
     }
     if (max_rows > MAX_ROWS || a->D > MAX_DIM || a->Dv > MAX_DIM) return 1;
+#if HAL_FAST
     const int R4 = (max_rows + 3) & ~3;
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
     if (fast_path_applies(a)) {
         /* items: (sequence, group of KV heads, split of SPLIT keys). Head groups spread a small batch over
          * the threads; splits (always SPLIT keys, whatever the batch, then merged in order) spread a long
