@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                          help="a few small cases (decode 8x4096 and 1x1024, prefill 2048, MLA 1x4096)")
     p_bench.add_argument("--kind", action="append", metavar="KIND",
                          help="only these kinds of case (repeatable or comma-separated): decode, prefill, mla")
+    p_bench.add_argument("--kv-dtypes", metavar="LIST",
+                         help="decode and MLA cases for these kv_dtypes (comma-separated, or 'all': every one the "
+                              "backend declares); default: the size's own (quick: auto, int8)")
     p_bench.add_argument("--json", metavar="FILE", help="write everything measured as JSON")
     p_bench.add_argument("--plot", metavar="FILE.png", help="write the roofline plot (needs matplotlib)")
     p_bench.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke tests: tiny sizes

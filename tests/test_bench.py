@@ -212,6 +212,13 @@ def test_bench_command_quick_writes_json_and_png(tmp_path: Path) -> None:
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_kv_dtypes_picks_the_formats() -> None:
+    proc = _hal("bench", "--tiny", "--kind", "decode", "--kv-dtypes", "fp8_e5m2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fp8_e5m2 B2 S64" in proc.stdout and "int8 B2 S64" not in proc.stdout and "bf16 B2 S64" not in proc.stdout
+    assert "hal-bf16" in proc.stdout  # the same KV in bf16, timed in the same rounds
+
+
 def test_bench_names_an_unavailable_backend_and_fails() -> None:
     proc = _hal("bench", "--tiny", "--backend", "cuda")
     assert proc.returncode == 1
@@ -226,7 +233,7 @@ def test_bench_all_skips_unavailable_backends_with_reasons() -> None:
     assert "prefill: Llama-3-8B" in proc.stdout
 
 
-@pytest.mark.parametrize("args", [["--backend", "nope"], ["--kind", "train"]])
+@pytest.mark.parametrize("args", [["--backend", "nope"], ["--kind", "train"], ["--kv-dtypes", "int8,int3"]])
 def test_bench_rejects_bad_arguments(args: list[str]) -> None:
     from hal.cli import main
 

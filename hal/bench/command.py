@@ -48,6 +48,18 @@ def command(args: argparse.Namespace) -> int:
             print("hal bench: --plot needs matplotlib: pip install 'hal-attention[bench]'", file=sys.stderr)
             return 2
     sizes = TINY if args.tiny else QUICK if args.quick else FULL
+    if args.kv_dtypes:
+        from dataclasses import replace
+
+        from hal.dtypes import KV_DTYPES
+
+        wanted = None if args.kv_dtypes.strip() == "all" else tuple(
+            k.strip() for k in args.kv_dtypes.split(",") if k.strip())
+        bad = sorted(set(wanted or ()) - set(KV_DTYPES))
+        if bad:
+            print(f"hal bench: unknown kv_dtype {bad}; valid: {', '.join(KV_DTYPES)}, or all", file=sys.stderr)
+            return 2
+        sizes = replace(sizes, decode_kv_dtypes=wanted, mla_kv_dtypes=wanted)
     report = run(names, sizes=sizes, kinds=kinds, explicit=not args.all)
     print(format_report(report))
     if args.json:
