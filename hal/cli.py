@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--kv-dtypes", metavar="LIST",
                          help="decode and MLA cases for these kv_dtypes (comma-separated, or 'all': every one the "
                               "backend declares); default: the size's own (quick: auto, int8)")
+    p_bench.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                         help="the model dtype of every case (default bf16)")
     p_bench.add_argument("--json", metavar="FILE", help="write everything measured as JSON")
     p_bench.add_argument("--plot", metavar="FILE.png", help="write the roofline plot (needs matplotlib)")
     p_bench.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke tests: tiny sizes

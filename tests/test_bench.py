@@ -219,6 +219,13 @@ def test_bench_kv_dtypes_picks_the_formats() -> None:
     assert "hal-bf16" in proc.stdout  # the same KV in bf16, timed in the same rounds
 
 
+def test_bench_dtype_sets_the_model_dtype() -> None:
+    proc = _hal("bench", "--tiny", "--kind", "decode,prefill", "--dtype", "fp16")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "fp16 B2 S64" in proc.stdout and "fp16 N64" in proc.stdout
+    assert "bf16 B2" not in proc.stdout and "bf16 N" not in proc.stdout
+
+
 def test_bench_names_an_unavailable_backend_and_fails() -> None:
     proc = _hal("bench", "--tiny", "--backend", "cuda")
     assert proc.returncode == 1

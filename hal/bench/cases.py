@@ -208,8 +208,8 @@ BASELINES: dict[str, str] = {
                "sdpa-packed: the same with each KV head's query heads as its query rows (GQA packing); "
                "gather+sdpa: cache.read of the sequences' pages (dequantized), then SDPA(enable_gqa=True); "
                "memcpy: a copy of as many bytes (at most the probe's buffer), timed in the same rounds: %copy is "
-               "against it; hal-bf16 (quantized cases): hal on the same KV in the model dtype, in the same rounds: "
-               "its speedup is what the format gains"),
+               "against it; hal-<dtype> (quantized cases, e.g. hal-bf16): hal on the same KV in the model dtype, in the "
+               "same rounds: its speedup is what the format gains"),
     "prefill": "sdpa: SDPA(is_causal=True, enable_gqa=True) on the same values laid out [1, H, N, D]",
     "mla": ("as for decode, MLA written as multi-query attention with the 576-wide latent row as keys and as "
             "values (output sliced to the 512 latent channels); sdpa-packed: the 16 heads as query rows; "

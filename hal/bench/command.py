@@ -60,7 +60,7 @@ def command(args: argparse.Namespace) -> int:
             print(f"hal bench: unknown kv_dtype {bad}; valid: {', '.join(KV_DTYPES)}, or all", file=sys.stderr)
             return 2
         sizes = replace(sizes, decode_kv_dtypes=wanted, mla_kv_dtypes=wanted)
-    report = run(names, sizes=sizes, kinds=kinds, explicit=not args.all)
+    report = run(names, sizes=sizes, kinds=kinds, explicit=not args.all, dtype=args.dtype)
     print(format_report(report))
     if args.json:
         write_json(args.json, report)

@@ -287,8 +287,8 @@ def _infos() -> dict[str, Any]:
 
 
 def run(names: list[str] | None = None, *, sizes: Sizes = QUICK, kinds: set[str] | None = None,
-        explicit: bool = True, progress: Progress | None = None) -> BenchReport:
-    """Benchmark backends ``names`` (None: the current selection) with ``sizes``.
+        explicit: bool = True, progress: Progress | None = None, dtype: str = "bf16") -> BenchReport:
+    """Benchmark backends ``names`` (None: the current selection) with ``sizes``, models in ``dtype``.
 
     ``kinds`` limits the cases to some of "decode", "prefill", "mla". ``explicit=False`` (``--all``)
     also skips emulated backends, whose timings would measure an interpreter.
@@ -325,7 +325,7 @@ def run(names: list[str] | None = None, *, sizes: Sizes = QUICK, kinds: set[str]
                                        matmul_n=sizes.matmul_n, reps=sizes.probe_reps)
         bb.working_set_target = ws = sizes.working_set(m.llc_bytes)
         bb.memory_budget = None if m.memory_bytes is None else int(sizes.memory_fraction * m.memory_bytes)
-        cases = case_list(sizes, backend.capabilities().kv_dtypes, kinds)
+        cases = case_list(sizes, backend.capabilities().kv_dtypes, kinds, dtype)
         for i, c in enumerate(cases):
             progress.case(name, i, len(cases), c.label)
             bb.cases.append(_run_case(c, backend, m, sizes, ws, bb.memory_budget, progress))
