@@ -253,3 +253,36 @@ def test_quantized_decode_on_head_dims_either_path_takes(kv_dtype: str, d: int) 
     want, want_lse = paged_attention_reference(q, kc, vc, [0, 1], [100], table)
     assert (out.double() - want).abs().max() < 1e-2
     assert (lse.double() - want_lse).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8", "int6", "int4", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_decode_of_fp16_and_fp32_models_keeps_their_tolerance(dtype: str, kv_dtype: str) -> None:
+    """fp16/fp32 models on every format, native where the kernel takes them (fp32 FMAs for their own
+    rows and fp8; int16 products for integer rows of fp16 models), within the conformance table's
+    tolerance of the golden on the cache's exact values (the same-dtype reference reads it back)."""
+    from hal.conformance.oracles import same_dtype_attention
+    from hal.conformance.tolerances import compare
+
+    tdt = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
+    g = torch.Generator().manual_seed(7)
+    d, bs, seq_lens, q_lens = 128, 16, [601, 37], [3, 1]
+    nb = sum(-(-s // bs) for s in seq_lens)
+    cache = hal.KVCache(hal.KVCacheSpec(1, 2, d, block_size=bs, dtype=dtype, kv_dtype=kv_dtype), nb, backend="cpu")
+    cache.write(0, torch.randn(nb * bs, 2, d, generator=g).to(tdt), torch.randn(nb * bs, 2, d, generator=g).to(tdt),
+                torch.arange(nb * bs))
+    ids = torch.randperm(nb, generator=g).to(torch.int32)
+    table = torch.zeros(2, 40, dtype=torch.int32)
+    table[0, :38], table[1, :3] = ids[:38], ids[38:41]
+    cu = [0, 3, 4]
+    plan = hal.plan(torch.tensor(cu, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32), table, cache)
+    q = torch.randn(4, 4, d, generator=g).to(tdt)
+    out, lse = hal.paged_attention(q, cache, 0, plan, return_lse=True)
+    kc, vc = cache.read(0, range(nb), dtype="fp64")
+    want, want_lse = paged_attention_reference(q, kc, vc, cu, seq_lens, table)
+    kr, vr = cache.read(0, range(nb))
+    kq = torch.cat([kr[table[b, :-(-s // bs)].long()].flatten(0, 1)[:s] for b, s in enumerate(seq_lens)])
+    vq = torch.cat([vr[table[b, :-(-s // bs)].long()].flatten(0, 1)[:s] for b, s in enumerate(seq_lens)])
+    r_out, r_lse = same_dtype_attention(q, kq, vq, cu, [0, 601, 638], causal=True)
+    for c in (compare("out", dtype, out, want, r_out), compare("lse", dtype, lse, want_lse, r_lse, lse=True)):
+        assert c.ok, c.describe()

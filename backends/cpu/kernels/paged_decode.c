@@ -375,21 +375,24 @@ static inline __m512 dp(__m512 acc, __m512i x, __m512i y, int fmt) { /* acc += p
 }
 
 /* the factor a row's stored values are multiplied by */
-static inline float row_scale(const uint8_t *row, int64_t width, int fmt, const float *head_scale, int h) {
+static inline float row_scale(const uint8_t *row, int64_t width, int fmt, const float *head_scale, int h, int wide) {
     if (row_scaled(fmt)) { uint16_t sc; memcpy(&sc, row + width - 2, 2); return f16_to_f32(sc); }
-    if (fmt == FMT_E4M3) return head_scale[h] * (FP8_LUT ? 1.f : 256.f);  /* ld32's fp16 route is 2^-8 off */
+    if (fmt == FMT_E4M3) return head_scale[h] * (FP8_LUT && !wide ? 1.f : 256.f);  /* the fp16 route is 2^-8 off */
     if (fmt == FMT_E5M2) return head_scale[h];
     return 1.f;
 }
 
 static int fast_path_applies(const decode_args *a) {
     const int kf = a->kfmt, vf = a->vfmt;
-    if (is_wide(a->dtype))                   /* fp16/fp32 rows of an fp16/fp32 model */
-        return kf == a->dtype && vf == kf && a->D % 16 == 0 && a->Dv % 64 == 0 && a->k_width == (int64_t)boff(kf, a->D)
-               && a->v_width >= (int64_t)boff(vf, a->Dv);
+    const int fp8 = kf == FMT_E4M3 || kf == FMT_E5M2, wide = is_wide(a->dtype);
+    if (wide && (kf == a->dtype || fp8))     /* fp16/fp32 models: their own rows, or fp8 rows, on fp32 FMAs */
+        return vf == kf && a->D % 16 == 0 && a->Dv % 64 == 0 && a->k_width == (int64_t)boff(kf, a->D)
+               && a->v_width >= (int64_t)boff(vf, a->Dv) && (!fp8 || (a->k_scale && a->v_scale));
     const int ok = kf == FMT_BF16 || kf == FMT_INT8 || kf == FMT_E4M3 || kf == FMT_E5M2 || (INT6_OK && (kf == FMT_INT6 || kf == FMT_INT4));
     const int64_t k_bytes = (int64_t)boff(kf, a->D) + (row_scaled(kf) ? 2 : is_grp(kf) ? 2 * (int64_t)(a->D / 32) : 0);
-    return a->dtype == FMT_BF16 && ok && kf == vf && a->D % (lut8(kf) ? 64 : 32) == 0 && a->Dv % 64 == 0 && a->k_width == k_bytes
+    /* integer rows: int16 products, finer than an fp16 model's inputs, not an fp32 model's */
+    return (a->dtype == FMT_BF16 || (a->dtype == FMT_F16 && is_int(kf))) && ok && kf == vf && a->D % (lut8(kf) ? 64 : 32) == 0
+           && a->Dv % 64 == 0 && a->k_width == k_bytes
            && a->v_width >= (int64_t)boff(vf, a->Dv)  /* MLA: V is the first Dv channels of K's row */
            && ((kf != FMT_E4M3 && kf != FMT_E5M2) || (a->k_scale && a->v_scale));
 }
@@ -487,8 +490,14 @@ static inline void scores16t(const uint32_t *qt, int D, const uint8_t *const *kh
 }
 
 /* 16 fp16 or fp32 values -> fp32 */
-static inline __m512 ld16f(const uint8_t *p, int fmt) {
-    return fmt == FMT_F32 ? _mm512_loadu_ps(p) : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+static inline __m512 ld16f(const uint8_t *p, int fmt) {  /* also fp8 (e4m3 2^-8 small, as ld32's fp16 route) */
+    if (fmt == FMT_F32) return _mm512_loadu_ps(p);
+    if (fmt == FMT_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    const __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    const __m256i h = fmt == FMT_E5M2 ? _mm256_slli_epi16(u, 8)
+        : _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x80)), 8),
+                          _mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x7f)), 7));
+    return _mm512_cvtph_ps(h);
 }
 
 /* fp16/fp32 rows: st[i][r] = q_r . k_i for four rows, fp32 FMAs over the whole head dim (q in L1) */
@@ -633,7 +642,8 @@ static inline void unpermute(float *dst, const float *acc, int Dv, float mul, in
  * the item covers the whole sequence and stores the output; otherwise it stores its unnormalized
  * accumulator, running max and denominator there ([NH][R][Dv + 2]) for merge_splits(). */
 static inline __attribute__((always_inline)) void decode_item_impl(const decode_args *a, int b, int h0, int h1, float *ws,
-                                                                   int split, float *partial, const int KF, const int VF) {
+                                                                   int split, float *partial, const int KF, const int VF,
+                                                                   const int WIDE) {
     const int G = a->Hq / a->Hkv, q0 = a->cu_q[b], ql = a->cu_q[b + 1] - q0, S = a->seq_lens[b];
     const int R = ql * G, R4 = (R + 3) & ~3, D = a->D, Dv = a->Dv, NH = h1 - h0;
     const size_t per_head = ws_per_head(R4, D, Dv);
@@ -658,24 +668,25 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
         for (int r = 0; r < R4; r++) qs[r] = 0.f;
         for (int r = 0; r < R; r++) {
             const int t = r / G, hq = h * G + r % G;
-            const uint16_t *src = (const uint16_t *)a->q + ((size_t)(q0 + t) * a->Hq + hq) * D;
-            const float ks = is_int(KF) ? 1.f : row_scale(NULL, 0, KF, a->k_scale, h);
-            if (is_wide(KF)) {                   /* fp32 query */
-                float *qf = (float *)qb + (size_t)r * D;
-                if (KF == FMT_F32) memcpy(qf, (const float *)a->q + ((size_t)(q0 + t) * a->Hq + hq) * D, 4 * (size_t)D);
-                else load_row(qf, (const uint8_t *)src, FMT_F16, D);
-                qs[r] = a->scale;
-            } else if (lut8(KF)) {                      /* bf16 query, dims in ld64_fp8's order */
+            const size_t qsz = a->dtype == FMT_F32 ? 4 : 2;
+            const uint8_t *qrow = (const uint8_t *)a->q + ((size_t)(q0 + t) * a->Hq + hq) * D * qsz;
+            const uint16_t *src = (const uint16_t *)qrow;  /* bf16 models */
+            const float ks = is_int(KF) ? 1.f : row_scale(NULL, 0, KF, a->k_scale, h, WIDE);
+            if (WIDE) {                          /* fp32 query */
+                load_row((float *)qb + (size_t)r * D, qrow, a->dtype, D);
+                qs[r] = a->scale * ks;
+            } else if (lut8(KF)) {               /* bf16 query, dims in ld64_fp8's order */
                 for (int d = 0; d < D; d++) qb[(size_t)r * D + d] = src[d / 64 * 64 + lut_dim(d % 64)];
                 qs[r] = a->scale * ks;
             } else if (!is_int(KF)) {            /* bf16 query as given */
                 memcpy(qb + (size_t)r * D, src, 2 * (size_t)D);
                 qs[r] = a->scale * ks;
             } else {                             /* int16 query: q = Q * round(q / Q), Q = max |q| / 32767 */
-                float mx = 0.f;
-                for (int d = 0; d < D; d++) { float v = fabsf(bf16_to_f32(src[d])); mx = v > mx ? v : mx; }
+                float qf[MAX_DIM], mx = 0.f;
+                load_row(qf, qrow, a->dtype, D);
+                for (int d = 0; d < D; d++) { float v = fabsf(qf[d]); mx = v > mx ? v : mx; }
                 const float inv = mx > 0.f ? 32767.f / mx : 0.f;
-                for (int d = 0; d < D; d++) qb[(size_t)r * D + d] = (uint16_t)(int16_t)lrintf(bf16_to_f32(src[d]) * inv);
+                for (int d = 0; d < D; d++) qb[(size_t)r * D + d] = (uint16_t)(int16_t)lrintf(qf[d] * inv);
                 qs[r] = a->scale * (mx / 32767.f);
             }
         }
@@ -760,11 +771,11 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 for (int i0 = 0; i0 < n; i0 += 16)  /* keys past n: garbage the softmax masks off */
                     transpose16(st16 + 16 * i0, s + (size_t)(16 * g) * FT + i0, FT);
             }
-            for (int r = 0; is_wide(KF) && r < R4; r += 4) {
+            for (int r = 0; WIDE && r < R4; r += 4) {
                 scores4f((const float *)qb + (size_t)r * D, D, kh, n, KF, st, r == 0 ? &cur : NULL, pf_per_key);
                 rows4(s + (size_t)r * FT, st, n);
             }
-            for (int r = 0; !use_t && !is_wide(KF) && r < R4; r += 4) {
+            for (int r = 0; !use_t && !WIDE && r < R4; r += 4) {
                 for (int c0 = 0; c0 < D; c0 += 128) {
                     const int first = c0 == 0;
                     pf_cursor *p = r == 0 && c0 == 0 ? &cur : NULL;
@@ -823,7 +834,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 for (int g = 0; g < NG; g++) wscale[r * NG + g] = 0.f;
                 if (m_new == -INFINITY) {        /* nothing visible yet: weights 0 */
                     memset(wr, 0, sizeof(uint32_t) * WR);
-                    if (is_wide(VF)) memset(sr, 0, sizeof(float) * FT);
+                    if (WIDE) memset(sr, 0, sizeof(float) * FT);
                     continue;
                 }
                 const __m512 mn = _mm512_set1_ps(m_new);
@@ -836,7 +847,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 l[r] = l[r] * alpha + _mm512_reduce_add_ps(psum);
                 m[r] = m_new;
                 if (alpha != 1.f) scal(acc + (size_t)r * Dv, alpha, Dv);
-                if (is_wide(VF)) {               /* fp32 weights, in place of the scores */
+                if (WIDE) {                      /* fp32 weights, in place of the scores */
                     for (int u = 0; u < NU; u++) _mm512_storeu_ps(sr + 16 * u, pu[u]);
                 } else if (is_grp(VF)) {         /* int4: per group, weight p * group scale, as int16 */
                     for (int g = 0; g < NG; g++) {
@@ -866,11 +877,11 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                         _mm512_storeu_si512(wr + 8 * u, (__m512i)_mm512_cvtne2ps_pbh(pu[u + 1], pu[u]));
                 }
             }
-            for (int r = R; is_wide(VF) && r < R4; r++) memset(s + (size_t)r * FT, 0, sizeof(float) * FT);
-            for (int r = 0; is_wide(VF) && r < R4; r += 4)
+            for (int r = R; WIDE && r < R4; r++) memset(s + (size_t)r * FT, 0, sizeof(float) * FT);
+            for (int r = 0; WIDE && r < R4; r += 4)
                 for (int d = 0; d < Dv; d += 64)
                     pv4f(acc + (size_t)r * Dv, Dv, d, s + (size_t)r * FT, vh, n, VF);
-            for (int r = 0; !is_wide(VF) && r < R4; r += 4)
+            for (int r = 0; !WIDE && r < R4; r += 4)
                 for (int d = 0; d < Dv; d += 64)
                     pv4(acc + (size_t)r * Dv, Dv, d, w + (size_t)r * WR, WR, wscale + r * NG, NG, vh, npairs, VF);
         }
@@ -878,18 +889,18 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     for (int hh = 0; hh < NH; hh++) {
         const int h = h0 + hh;
         const float *acc = WS_ACC(hh), *m = WS_M(hh), *l = WS_L(hh);
-        const float vs = is_int(VF) ? 1.f : row_scale(NULL, 0, VF, a->v_scale, h);
+        const float vs = is_int(VF) ? 1.f : row_scale(NULL, 0, VF, a->v_scale, h, WIDE);
         float o[MAX_DIM];
         for (int r = 0; r < R; r++) {
             if (partial) {
                 float *dst = partial + ((size_t)hh * R + r) * (Dv + 2);
-                unpermute(dst, acc + (size_t)r * Dv, Dv, vs, is_wide(VF) ? 2 : lut8(VF));
+                unpermute(dst, acc + (size_t)r * Dv, Dv, vs, WIDE ? 2 : lut8(VF));
                 dst[Dv] = m[r];
                 dst[Dv + 1] = l[r];
                 continue;
             }
             const int t = r / G, hq = h * G + r % G;
-            unpermute(o, acc + (size_t)r * Dv, Dv, l[r] > 0.f ? vs / l[r] : 0.f, is_wide(VF) ? 2 : lut8(VF));
+            unpermute(o, acc + (size_t)r * Dv, Dv, l[r] > 0.f ? vs / l[r] : 0.f, WIDE ? 2 : lut8(VF));
             store_row((uint8_t *)a->out + ((size_t)(q0 + t) * a->Hq + hq) * Dv * (a->dtype == FMT_F32 ? 4 : 2), o, a->dtype, Dv);
             if (a->lse) a->lse[(size_t)(q0 + t) * a->Hq + hq] = l[r] > 0.f ? m[r] + logf(l[r]) : -INFINITY;
         }
@@ -905,18 +916,25 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     free(tmp_q);
 }
 
-static void decode_item_bf16(const decode_args *a, int b, int h0, int h1, float *ws, int split, float *partial) {
-    switch (a->kfmt) {                    /* one specialised copy per row format (K and V share it) */
-    case FMT_INT8: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_INT8, FMT_INT8); break;
+static void decode_item_fast(const decode_args *a, int b, int h0, int h1, float *ws, int split, float *partial) {
+    const int wide = is_wide(a->dtype);      /* fp16/fp32 model: fp32 FMAs for float rows (fp8 widened to fp32) */
+    switch (a->kfmt) {                       /* one specialised copy per row format (K and V share it) */
+    case FMT_INT8: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_INT8, FMT_INT8, 0); break;
 #if INT6_OK
-    case FMT_INT6: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_INT6, FMT_INT6); break;
-    case FMT_INT4: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_INT4, FMT_INT4); break;
+    case FMT_INT6: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_INT6, FMT_INT6, 0); break;
+    case FMT_INT4: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_INT4, FMT_INT4, 0); break;
 #endif
-    case FMT_E4M3: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_E4M3, FMT_E4M3); break;
-    case FMT_F16: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_F16, FMT_F16); break;
-    case FMT_F32: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_F32, FMT_F32); break;
-    case FMT_E5M2: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_E5M2, FMT_E5M2); break;
-    default: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_BF16, FMT_BF16); break;
+    case FMT_E4M3:
+        if (wide) decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_E4M3, FMT_E4M3, 1);
+        else decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_E4M3, FMT_E4M3, 0);
+        break;
+    case FMT_E5M2:
+        if (wide) decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_E5M2, FMT_E5M2, 1);
+        else decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_E5M2, FMT_E5M2, 0);
+        break;
+    case FMT_F16: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_F16, FMT_F16, 1); break;
+    case FMT_F32: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_F32, FMT_F32, 1); break;
+    default: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_BF16, FMT_BF16, 0); break;
     }
 }
 
@@ -954,8 +972,10 @@ static void merge_splits(const decode_args *a, int b, int h0, int h1, int nsplit
 int hal_decode_supports(int dtype, int kfmt, int vfmt, int D, int Dv) {
     if (kfmt <= FMT_BF16 && vfmt <= FMT_BF16) return 1;
 #if HAL_FAST
-    return dtype == FMT_BF16 && kfmt > FMT_BF16 && vfmt > FMT_BF16 && ((kfmt != FMT_INT6 && kfmt != FMT_INT4) || INT6_OK)
-           && D % (lut8(kfmt) ? 64 : 32) == 0 && Dv % 64 == 0;
+    if (kfmt != vfmt || kfmt <= FMT_BF16 || ((kfmt == FMT_INT6 || kfmt == FMT_INT4) && !INT6_OK) || Dv % 64) return 0;
+    if (is_wide(dtype) && !is_int(kfmt)) return D % 16 == 0;  /* fp8 rows of fp16/fp32 models: fp32 FMAs */
+    if (dtype == FMT_F32) return 0;          /* integer rows: int16 products are coarser than fp32 */
+    return D % (lut8(kfmt) && dtype == FMT_BF16 ? 64 : 32) == 0;
 #else
     (void)dtype; (void)D; (void)Dv;
     return 0;
@@ -1010,7 +1030,7 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
                 const int k = it - first[b], g = k / ns, sp = k % ns;
                 const int R = (a->cu_q[b + 1] - a->cu_q[b]) * G;
                 float *part = ns > 1 ? partials + poff[b] + ((int64_t)g * ns + sp) * hpg * R * (a->Dv + 2) : NULL;
-                decode_item_bf16(a, b, g * hpg, (g + 1) * hpg, ws, sp, part);
+                decode_item_fast(a, b, g * hpg, (g + 1) * hpg, ws, sp, part);
             }
             free(ws);
 #ifdef _OPENMP
