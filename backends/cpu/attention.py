@@ -5,7 +5,9 @@ chunks of ``KV_CHUNK`` tokens, keeping a running max ``m``, denominator ``l`` an
 query row, so no ``[T, S]`` score matrix is ever built and a paged sequence's keys are read straight
 out of its blocks. Scores, softmax and accumulation are fp32 whatever the input dtype. Because a
 sequence's computation never depends on the rest of the batch, results are batch-invariant
-bitwise.
+bitwise. Long plain query runs (no soft-cap, ALiBi, sink or window) that the native prefill does not
+take (fp16/fp32 models, or native kernels off) run on torch's own CPU flash kernel instead, which
+returns the LSE as well: see ``_flash_sequence``.
 """
 
 from __future__ import annotations
@@ -101,6 +103,38 @@ def _attend_sequence(q: torch.Tensor, kv_len: int, fetch: FetchKV, chunk: int, p
             lse[t0:t1] = s
 
 
+FLASH_MIN_Q = 17  # query runs at least this long (prefill, chunked prefill) may take torch's flash kernel
+_FLASH_MAX_MASK = 1 << 24  # query x key elements of an explicit causal mask, at most
+_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _flash_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttentionParams, out: torch.Tensor,
+                    lse: torch.Tensor | None) -> bool:
+    """One sequence (q [Lq, Hq, D], the last Lq positions of k/v [Lk, Hkv, D]) on torch's own CPU flash
+    kernel, which returns the natural-log LSE too, when it computes exactly hal's semantics: no soft-cap,
+    ALiBi, sink or window, q's dtype throughout, D == Dv, Lq <= Lk. Returns False (and writes nothing)
+    otherwise. Chosen per sequence from that sequence alone, so results stay batch-invariant."""
+    lq, hq, d = q.shape
+    lk, hkv = k.shape[0], k.shape[1]
+    if (_flash is None or lq < FLASH_MIN_Q or lq > lk or p.softcap is not None or p.alibi_slopes is not None
+            or p.sinks is not None or p.window_left is not None or k.dtype != q.dtype or v.dtype != q.dtype
+            or v.shape[2] != d or (p.causal and lq != lk and lq * lk > _FLASH_MAX_MASK)):
+        return False
+    g = hq // hkv
+    qt = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D]
+    kt = k.transpose(0, 1).repeat_interleave(g, 0).unsqueeze(0)  # [1, Hq, Lk, D]
+    vt = v.transpose(0, 1).repeat_interleave(g, 0).unsqueeze(0)
+    mask = None
+    if p.causal and lq != lk:  # bottom-right: query i sees keys j <= (Lk - Lq) + i
+        seen = torch.arange(lk)[None, :] <= (lk - lq) + torch.arange(lq)[:, None]  # additive, in q's dtype
+        mask = torch.zeros(lq, lk, dtype=q.dtype).masked_fill_(~seen, float("-inf"))
+    o, l = _flash(qt, kt, vt, 0.0, p.causal and lq == lk, attn_mask=mask, scale=p.scale)
+    out.copy_(o[0].transpose(0, 1))
+    if lse is not None:
+        lse.copy_(l[0].transpose(0, 1))
+    return True
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: VarlenBatch,
                      p: AttentionParams, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q [T, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] -> out [T, Hq, Dv], lse [T, Hq]."""
@@ -114,7 +148,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: V
             native_prefill.dense(q, k, v, batch, p, out, lse, native)
     for b in range(batch.num_seqs):
         q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
-        if q1 == q0 or native[b]:
+        if q1 == q0 or native[b] or _flash_sequence(q[q0:q1], k[k0:k1], v[k0:k1], p, out[q0:q1],
+                                                     None if lse is None else lse[q0:q1]):
             continue
 
         def fetch(c0: int, c1: int, k0: int = k0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,8 +195,12 @@ def paged_attention(q: torch.Tensor, cache: CpuKVStorage, layer: int, plan: Plan
             comps = cache.fetch(layer, table[b0:b1], c0 - b0 * bs, c1 - b0 * bs, fetch_dtype)
             return comps[0], (comps[1] if len(comps) > 1 else None)  # MLA: one component, no separate v
 
-        _attend_sequence(q[q0:q1], kv_len, fetch, chunk, p, cache.num_heads, out[q0:q1],
-                         None if lse is None else lse[q0:q1])
+        o_b, l_b = out[q0:q1], None if lse is None else lse[q0:q1]
+        if cache.spec.kv_dtype == "auto" and not cache.spec.is_mla and q1 - q0 >= FLASH_MIN_Q:
+            k_b, v_b = fetch(0, kv_len)  # the whole sequence, for torch's flash kernel
+            if v_b is not None and _flash_sequence(q[q0:q1], k_b, v_b, p, o_b, l_b):
+                continue
+        _attend_sequence(q[q0:q1], kv_len, fetch, chunk, p, cache.num_heads, o_b, l_b)
     return out, lse
 
 
