@@ -750,6 +750,9 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
         PF_TILE(j0 + ft);                     /* the next tile, a few lines per key and head */
         const int pf_per_key = (int)(((int64_t)cur.nk * (cur.klen / 64 + 1) + (int64_t)(cur.n - cur.nk) * (cur.vlen / 64 + 1))
                                      / ((int64_t)NH * n) + 1);
+        /* masks only where they cut this tile: decode's keys all precede its first query */
+        const int causal_cut = a->causal && j0 + n - 1 > pos_first;
+        const int window_cut = a->window >= 0 && j0 < pos_first + ql - 1 - a->window;
         __mmask16 valid[NUMAX];
         for (int u = 0; u < NU; u++) {
             const int nu = n - 16 * u;
@@ -823,8 +826,8 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                         x[u] = _mm512_fnmadd_ps(_mm512_set1_ps(a->alibi[hq]), dist, x[u]);
                     }
                     vis[u] = valid[u];
-                    if (a->causal) vis[u] &= _mm512_cmple_epi32_mask(jv, _mm512_set1_epi32(p_r));
-                    if (a->window >= 0) vis[u] &= _mm512_cmpge_epi32_mask(jv, _mm512_set1_epi32(p_r - a->window));
+                    if (causal_cut) vis[u] &= _mm512_cmple_epi32_mask(jv, _mm512_set1_epi32(p_r));
+                    if (window_cut) vis[u] &= _mm512_cmpge_epi32_mask(jv, _mm512_set1_epi32(p_r - a->window));
                     x[u] = _mm512_mask_blend_ps(vis[u], _mm512_set1_ps(-INFINITY), x[u]);
                 }
                 __m512 xm = x[0];
