@@ -1001,7 +1001,13 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
         /* items: (sequence, group of KV heads, split of SPLIT keys). Head groups spread a small batch over
          * the threads; splits (always SPLIT keys, whatever the batch, then merged in order) spread a long
          * sequence over them: a sequence's arithmetic never depends on the rest of the batch. */
-        int groups = (2 * num_threads + a->B - 1) / a->B;
+        int64_t splits = 0;                   /* (sequence, split) items with all heads in one */
+        for (int b = 0; b < a->B; b++)
+            if (a->active[b] && a->cu_q[b + 1] > a->cu_q[b]) splits += (a->seq_lens[b] + SPLIT - 1) / SPLIT > 1 ? (a->seq_lens[b] + SPLIT - 1) / SPLIT : 1;
+        /* Head groups only when splits alone leave a thread idle: a group's rows are a slice of each
+         * token's rows, and slices of short rows (int8: 130 B per head) share cache lines with the next
+         * group's, read twice. Grouping never changes a head's arithmetic. */
+        int groups = splits >= 2 * num_threads ? 1 : (int)((2 * num_threads + splits - 1) / (splits > 0 ? splits : 1));
         groups = groups < 1 ? 1 : (groups > a->Hkv ? a->Hkv : groups);
         while (a->Hkv % groups) groups++;
         const int hpg = a->Hkv / groups;
