@@ -168,24 +168,31 @@ def test_native_prefill_and_torch_paths_both_match_the_reference(monkeypatch: py
     assert (results["native"].double() - results["torch"].double()).abs().max() < 3e-2
 
 
-@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: "-".join(sorted(o)))
-def test_native_decode_splits_long_sequences_exactly(opts: dict) -> None:
-    """Sequences longer than the kernel's split (512 keys) are computed in splits merged in order:
-    the result matches the reference, the sink counts once, and a sequence alone == in a batch."""
-    native = pytest.importorskip("hal.backends.cpu.kernels.paged_decode")
-    gen = torch.Generator().manual_seed(5)
-    seq_lens, q_lens, bs = [1300, 600, 5, 513], [1, 2, 1, 3], 16
+def _random_paged(gen: torch.Generator, seq_lens: list[int], q_lens: list[int], bs: int, width: int,
+                  kv_dtype: str = "auto") -> tuple[hal.KVCache, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A bf16 cache (2 KV heads of 64, one spare block) of random K/V whose sequences take randomly
+    permuted blocks; 4 query heads. Returns cache, block table [B, width], cu_seqlens_q, q, num_blocks."""
     nb = sum(-(-s // bs) for s in seq_lens) + 1
-    cache = hal.KVCache(hal.KVCacheSpec(1, 2, 64, block_size=bs, dtype="bf16"), nb)
+    cache = hal.KVCache(hal.KVCacheSpec(1, 2, 64, block_size=bs, dtype="bf16", kv_dtype=kv_dtype), nb)
     cache.write(0, torch.randn(nb * bs, 2, 64, generator=gen).bfloat16(), torch.randn(nb * bs, 2, 64, generator=gen).bfloat16(),
                 torch.arange(nb * bs))
     ids = torch.randperm(nb, generator=gen).to(torch.int32).tolist()
-    table = torch.zeros(len(seq_lens), 90, dtype=torch.int32)
+    table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
     for b, s in enumerate(seq_lens):
         n = -(-s // bs)
         table[b, :n] = torch.tensor([ids.pop() for _ in range(n)], dtype=torch.int32)
     cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
     q = torch.randn(int(cu[-1]), 4, 64, generator=gen).bfloat16()
+    return cache, table, cu, q, nb
+
+
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: "-".join(sorted(o)))
+def test_native_decode_splits_long_sequences_exactly(opts: dict) -> None:
+    """Sequences longer than the kernel's split (512 keys) are computed in splits merged in order:
+    the result matches the reference, the sink counts once, and a sequence alone == in a batch."""
+    native = pytest.importorskip("hal.backends.cpu.kernels.paged_decode")
+    seq_lens, q_lens, bs = [1300, 600, 5, 513], [1, 2, 1, 3], 16
+    cache, table, cu, q, nb = _random_paged(torch.Generator().manual_seed(5), seq_lens, q_lens, bs, 90)
     if not native.applies(cache.storage, q):
         pytest.skip("native kernels unavailable")
     plan = hal.plan(cu, torch.tensor(seq_lens, dtype=torch.int32), table, cache)
@@ -207,19 +214,8 @@ def test_native_decode_of_quantized_rows_matches_torch_and_reference(monkeypatch
     """int8/int6/int4/fp8 rows decoded inside the native kernel equal attention on the cache's exact values
     (stored value x scale), as the torch path does."""
     native = pytest.importorskip("hal.backends.cpu.kernels.paged_decode")
-    gen = torch.Generator().manual_seed(13)
     seq_lens, q_lens, bs = [700, 40, 9], [1, 3, 1], 16
-    nb = sum(-(-s // bs) for s in seq_lens) + 1
-    cache = hal.KVCache(hal.KVCacheSpec(1, 2, 64, block_size=bs, dtype="bf16", kv_dtype=kv_dtype), nb)
-    cache.write(0, torch.randn(nb * bs, 2, 64, generator=gen).bfloat16(), torch.randn(nb * bs, 2, 64, generator=gen).bfloat16(),
-                torch.arange(nb * bs))
-    ids = torch.randperm(nb, generator=gen).to(torch.int32).tolist()
-    table = torch.zeros(len(seq_lens), 50, dtype=torch.int32)
-    for b, s in enumerate(seq_lens):
-        n = -(-s // bs)
-        table[b, :n] = torch.tensor([ids.pop() for _ in range(n)], dtype=torch.int32)
-    cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
-    q = torch.randn(int(cu[-1]), 4, 64, generator=gen).bfloat16()
+    cache, table, cu, q, nb = _random_paged(torch.Generator().manual_seed(13), seq_lens, q_lens, bs, 50, kv_dtype)
     plan = hal.plan(cu, torch.tensor(seq_lens, dtype=torch.int32), table, cache)
     kc, vc = cache.read(0, range(nb), dtype="fp64")  # the cache's exact values
     want, want_lse = paged_attention_reference(q, kc, vc, cu, seq_lens, table, **opts)

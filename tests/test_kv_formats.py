@@ -353,14 +353,18 @@ def test_cpu_paged_attention_every_dtype_and_block_size(kv: str) -> None:
     assert out.status == "pass", out.message
 
 
-class _SwappedNibbles:
-    """A cpu storage whose attention-side decode swaps int4 nibbles (``read`` stays right)."""
+class _WrappedStorage:
+    """A cpu storage with a wrong ``fetch`` (the attention side's decode); everything else delegated."""
 
     def __init__(self, storage: Any) -> None:
         self._s = storage
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._s, name)
+
+
+class _SwappedNibbles(_WrappedStorage):
+    """A cpu storage whose attention-side decode swaps int4 nibbles (``read`` stays right)."""
 
     def fetch(self, layer: int, block_ids: torch.Tensor, start: int, stop: int,
               dtype: torch.dtype | None = None) -> list[torch.Tensor]:
@@ -373,14 +377,8 @@ class _SwappedNibbles:
         return out
 
 
-class _IgnoresFp8Scale:
+class _IgnoresFp8Scale(_WrappedStorage):
     """A cpu storage whose attention-side decode forgets the fp8 scale (``read`` stays right)."""
-
-    def __init__(self, storage: Any) -> None:
-        self._s = storage
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._s, name)
 
     def fetch(self, layer: int, block_ids: torch.Tensor, start: int, stop: int,
               dtype: torch.dtype | None = None) -> list[torch.Tensor]:

@@ -7,7 +7,7 @@ out of its blocks. Scores, softmax and accumulation are fp32 whatever the input 
 sequence's computation never depends on the rest of the batch, results are batch-invariant
 bitwise. Long plain query runs (no soft-cap, ALiBi, sink or window) that the native prefill does not
 take (fp16/fp32 models, or native kernels off) run on torch's own CPU flash kernel instead, which
-returns the LSE as well: see ``_flash_sequence``.
+returns the LSE as well: see ``_flash_applies``.
 """
 
 from __future__ import annotations
@@ -108,18 +108,21 @@ _FLASH_MAX_MASK = 1 << 24  # query x key elements of an explicit causal mask, at
 _flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def _flash_applies(lq: int, lk: int, d: int, dv: int, p: AttentionParams) -> bool:
+    """Whether torch's own CPU flash kernel computes exactly hal's semantics for a sequence of ``lq``
+    queries over ``lk`` keys: no soft-cap, ALiBi, sink or window, D == Dv, Lq <= Lk (and a bounded
+    explicit mask for bottom-right causal). Decided from the sequence alone (batch invariance)."""
+    return (_flash is not None and FLASH_MIN_Q <= lq <= lk and p.softcap is None and p.alibi_slopes is None
+            and p.sinks is None and p.window_left is None and dv == d
+            and not (p.causal and lq != lk and lq * lk > _FLASH_MAX_MASK))
+
+
 def _flash_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttentionParams, out: torch.Tensor,
-                    lse: torch.Tensor | None) -> bool:
-    """One sequence (q [Lq, Hq, D], the last Lq positions of k/v [Lk, Hkv, D]) on torch's own CPU flash
-    kernel, which returns the natural-log LSE too, when it computes exactly hal's semantics: no soft-cap,
-    ALiBi, sink or window, q's dtype throughout, D == Dv, Lq <= Lk. Returns False (and writes nothing)
-    otherwise. Chosen per sequence from that sequence alone, so results stay batch-invariant."""
+                    lse: torch.Tensor | None) -> None:
+    """One sequence (q [Lq, Hq, D], the last Lq positions of k/v [Lk, Hkv, D], all in q's dtype) on
+    torch's own CPU flash kernel, which returns the natural-log LSE too. Only where _flash_applies."""
     lq, hq, d = q.shape
     lk, hkv = k.shape[0], k.shape[1]
-    if (_flash is None or lq < FLASH_MIN_Q or lq > lk or p.softcap is not None or p.alibi_slopes is not None
-            or p.sinks is not None or p.window_left is not None or k.dtype != q.dtype or v.dtype != q.dtype
-            or v.shape[2] != d or (p.causal and lq != lk and lq * lk > _FLASH_MAX_MASK)):
-        return False
     g = hq // hkv
     qt = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D]
     kt = k.transpose(0, 1).repeat_interleave(g, 0).unsqueeze(0)  # [1, Hq, Lk, D]
@@ -132,7 +135,6 @@ def _flash_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Attent
     out.copy_(o[0].transpose(0, 1))
     if lse is not None:
         lse.copy_(l[0].transpose(0, 1))
-    return True
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: VarlenBatch,
@@ -148,8 +150,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: V
             native_prefill.dense(q, k, v, batch, p, out, lse, native)
     for b in range(batch.num_seqs):
         q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
-        if q1 == q0 or native[b] or _flash_sequence(q[q0:q1], k[k0:k1], v[k0:k1], p, out[q0:q1],
-                                                     None if lse is None else lse[q0:q1]):
+        if q1 == q0 or native[b]:
+            continue
+        if k.dtype == v.dtype == q.dtype and _flash_applies(q1 - q0, k1 - k0, q.shape[2], v.shape[2], p):
+            _flash_sequence(q[q0:q1], k[k0:k1], v[k0:k1], p, out[q0:q1], None if lse is None else lse[q0:q1])
             continue
 
         def fetch(c0: int, c1: int, k0: int = k0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,10 +200,12 @@ def paged_attention(q: torch.Tensor, cache: CpuKVStorage, layer: int, plan: Plan
             return comps[0], (comps[1] if len(comps) > 1 else None)  # MLA: one component, no separate v
 
         o_b, l_b = out[q0:q1], None if lse is None else lse[q0:q1]
-        if cache.spec.kv_dtype == "auto" and not cache.spec.is_mla and q1 - q0 >= FLASH_MIN_Q:
+        if (cache.spec.kv_dtype == "auto" and not cache.spec.is_mla and cache.spec.torch_dtype == q.dtype
+                and _flash_applies(q1 - q0, kv_len, q.shape[2], cache.spec.v_head_dim, p)):
             k_b, v_b = fetch(0, kv_len)  # the whole sequence, for torch's flash kernel
-            if v_b is not None and _flash_sequence(q[q0:q1], k_b, v_b, p, o_b, l_b):
-                continue
+            assert v_b is not None  # not MLA: K and V are separate components
+            _flash_sequence(q[q0:q1], k_b, v_b, p, o_b, l_b)
+            continue
         _attend_sequence(q[q0:q1], kv_len, fetch, chunk, p, cache.num_heads, o_b, l_b)
     return out, lse
 

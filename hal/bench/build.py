@@ -54,16 +54,25 @@ def _over_layers(fn: Callable[[int], Any]) -> Callable[[int], None]:
 
 
 def _layer_impls(c: CaseSpec, layers: int, hal_layer: Callable[[int], Any], sdpa_layer: Callable[[int], Any],
-                 packed_layer: Callable[[int], Any], gather_layer: Callable[[int], Any]) -> dict[str, Impl]:
-    """hal and the three baselines of a per-layer case (decode, MLA); hal and gather read the stored
-    format, the contiguous SDPA baselines the model dtype."""
+                 packed_layer: Callable[[int], Any], gather_layer: Callable[[int], Any],
+                 unquantized_layer: Callable[[int], Any] | None = None) -> dict[str, Impl]:
+    """hal, then (quantized decode) hal on the same KV unquantized, then memcpy, then the three
+    baselines of a per-layer case (decode, MLA); hal and gather read the stored format, the contiguous
+    SDPA baselines and the unquantized hal the model dtype. That order holds in every round: memcpy
+    runs before the baselines that allocate and free large temporaries (a copy timed after gather+sdpa
+    read 9 GB/s where it reads 25 alone)."""
     stored, model, flops = c.stored_bytes_per_layer(), c.model_bytes_per_layer(), c.flops_per_layer()
-    fns = {"hal": (hal_layer, stored), "sdpa": (sdpa_layer, model), "sdpa-packed": (packed_layer, model),
-           "gather+sdpa": (gather_layer, stored)}
-    impls = {name: Impl(_over_layers(fn), (lambda fn=fn: fn(0)), nbytes, flops) for name, (fn, nbytes) in fns.items()}
-    # memcpy right after hal in every round, before the baselines that allocate and free large temporaries
-    # (a copy timed after gather+sdpa read 9 GB/s where it reads 25 alone)
-    return {"hal": impls.pop("hal"), MEMCPY: _memcpy_impl(layers, layers * c.stored_bytes_per_layer()), **impls}
+
+    def impl(fn: Callable[[int], Any], nbytes: int) -> Impl:
+        return Impl(_over_layers(fn), lambda: fn(0), nbytes, flops)
+
+    impls = {"hal": impl(hal_layer, stored)}
+    if unquantized_layer is not None:  # its "hal speedup" is what the format gains over the model dtype
+        impls[f"hal-{c.dtype}"] = impl(unquantized_layer, model)
+    impls[MEMCPY] = _memcpy_impl(layers, layers * stored)
+    impls.update({"sdpa": impl(sdpa_layer, model), "sdpa-packed": impl(packed_layer, model),
+                  "gather+sdpa": impl(gather_layer, stored)})
+    return impls
 
 
 MEMCPY = "memcpy"  # the machine's copy bandwidth, measured again in every round of a case
@@ -159,12 +168,8 @@ def _build_decode(c: CaseSpec, backend: Any, device: torch.device, layers: int, 
         vg = vg.view(B, need * s.block_size, s.hkv, s.dv)[:, :S].transpose(1, 2)
         return F.scaled_dot_product_attention(q4, kg, vg, enable_gqa=True)
 
-    impls = _layer_impls(c, layers, hal_layer, sdpa_layer, packed_layer, gather_layer)
-    if unq is not None:  # its "hal speedup" is what the format gains over the model dtype; timed next to hal
-        first, copy = impls.pop("hal"), impls.pop(MEMCPY)
-        impls = {"hal": first, f"hal-{c.dtype}": Impl(_over_layers(unq_layer), lambda: unq_layer(0),
-                                                       c.model_bytes_per_layer(), c.flops_per_layer()),
-                 MEMCPY: copy, **impls}
+    impls = _layer_impls(c, layers, hal_layer, sdpa_layer, packed_layer, gather_layer,
+                         unq_layer if unq is not None else None)
     shape = dict(model=s.name, hq=s.hq, hkv=s.hkv, head_dim=s.d, v_head_dim=s.dv, block_size=s.block_size,
                  batch=B, context=S, kv_dtype=c.kv_dtype, dtype=c.dtype, layers=layers,
                  pages="randomly permuted", bytes_per_token_layer=cache.bytes_per_token // layers)

@@ -286,6 +286,17 @@ static inline __m512i int6_shift(void) {   /* shift that puts the field's top bi
 #define INT6_OK 0
 #endif
 
+/* 16 fp16 or fp32 values -> fp32 */
+static inline __m512 ld16f(const uint8_t *p, int fmt) {  /* also fp8 (e4m3 2^-8 small, as ld32's fp16 route) */
+    if (fmt == FMT_F32) return _mm512_loadu_ps(p);
+    if (fmt == FMT_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    const __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    const __m256i h = fmt == FMT_E5M2 ? _mm256_slli_epi16(u, 8)
+        : _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x80)), 8),
+                          _mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x7f)), 7));
+    return _mm512_cvtph_ps(h);
+}
+
 /* 32 stored values -> 32 16-bit lanes, exactly: bf16 for bf16 and fp8 rows, int16 for int8/int6 rows */
 static inline __m512i ld32(const uint8_t *p, int fmt) {
     if (fmt == FMT_BF16) return _mm512_loadu_si512(p);
@@ -308,14 +319,8 @@ static inline __m512i ld32(const uint8_t *p, int fmt) {
         return _mm512_srai_epi16(_mm512_sllv_epi16(w, _mm512_set1_epi32(0x0008000c)), 12);
     }
 #endif
-    __m256i x = _mm256_loadu_si256((const __m256i *)p);
-    if (fmt == FMT_INT8) return _mm512_cvtepi8_epi16(x);
-    __m512i u = _mm512_cvtepu8_epi16(x), h;
-    if (fmt == FMT_E5M2) h = _mm512_slli_epi16(u, 8);
-    else h = _mm512_or_si512(_mm512_slli_epi16(_mm512_and_si512(u, _mm512_set1_epi16(0x80)), 8),
-                             _mm512_slli_epi16(_mm512_and_si512(u, _mm512_set1_epi16(0x7f)), 7));
-    __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h)), hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
-    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    if (fmt == FMT_INT8) return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    return (__m512i)_mm512_cvtne2ps_pbh(ld16f(p + 16, fmt), ld16f(p, fmt));  /* fp8 by the fp16 route */
 }
 
 /* fp8 rows through a table (AVX512-VBMI): the bf16 of each of the 128 magnitudes, split into its low
@@ -382,6 +387,11 @@ static inline float row_scale(const uint8_t *row, int64_t width, int fmt, const 
     return 1.f;
 }
 
+/* bytes of a row of `dim` values in format `fmt` (hal/kv_formats.py), dim % 32 == 0 */
+static inline int64_t row_bytes(int fmt, int dim) {
+    return (int64_t)boff(fmt, dim) + (row_scaled(fmt) ? 2 : is_grp(fmt) ? 2 * (int64_t)(dim / 32) : 0);
+}
+
 static int fast_path_applies(const decode_args *a) {
     const int kf = a->kfmt, vf = a->vfmt;
     const int fp8 = kf == FMT_E4M3 || kf == FMT_E5M2, wide = is_wide(a->dtype);
@@ -389,10 +399,9 @@ static int fast_path_applies(const decode_args *a) {
         return vf == kf && a->D % 16 == 0 && a->Dv % 64 == 0 && a->k_width == (int64_t)boff(kf, a->D)
                && a->v_width >= (int64_t)boff(vf, a->Dv) && (!fp8 || (a->k_scale && a->v_scale));
     const int ok = kf == FMT_BF16 || kf == FMT_INT8 || kf == FMT_E4M3 || kf == FMT_E5M2 || (INT6_OK && (kf == FMT_INT6 || kf == FMT_INT4));
-    const int64_t k_bytes = (int64_t)boff(kf, a->D) + (row_scaled(kf) ? 2 : is_grp(kf) ? 2 * (int64_t)(a->D / 32) : 0);
     /* integer rows: int16 products, finer than an fp16 model's inputs, not an fp32 model's */
     return (a->dtype == FMT_BF16 || (a->dtype == FMT_F16 && is_int(kf))) && ok && kf == vf && a->D % (lut8(kf) ? 64 : 32) == 0
-           && a->Dv % 64 == 0 && a->k_width == k_bytes
+           && a->Dv % 64 == 0 && a->k_width == row_bytes(kf, a->D)
            && a->v_width >= (int64_t)boff(vf, a->Dv)  /* MLA: V is the first Dv channels of K's row */
            && ((kf != FMT_E4M3 && kf != FMT_E5M2) || (a->k_scale && a->v_scale));
 }
@@ -489,16 +498,6 @@ static inline void scores16t(const uint32_t *qt, int D, const uint8_t *const *kh
     }
 }
 
-/* 16 fp16 or fp32 values -> fp32 */
-static inline __m512 ld16f(const uint8_t *p, int fmt) {  /* also fp8 (e4m3 2^-8 small, as ld32's fp16 route) */
-    if (fmt == FMT_F32) return _mm512_loadu_ps(p);
-    if (fmt == FMT_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-    const __m256i u = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
-    const __m256i h = fmt == FMT_E5M2 ? _mm256_slli_epi16(u, 8)
-        : _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x80)), 8),
-                          _mm256_slli_epi16(_mm256_and_si256(u, _mm256_set1_epi16(0x7f)), 7));
-    return _mm512_cvtph_ps(h);
-}
 
 /* fp16/fp32 rows: st[i][r] = q_r . k_i for four rows, fp32 FMAs over the whole head dim (q in L1) */
 static inline void scores4f(const float *q, int D, const uint8_t *const *kh, int n, const int KF, float *st,
@@ -616,12 +615,14 @@ static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d,
 
 /* an accumulator row from the interleaved order of pv4 (per 32 dims: the unpacklo lanes, then the
  * unpackhi lanes; fp8 table rows: per 64 dims, see lut_dim) back to dims in order, times `mul` */
-static inline void unpermute(float *dst, const float *acc, int Dv, float mul, int lut) {
-    if (lut == 2) {                          /* in order already (fp16/fp32 rows) */
+enum { ORDER_PAIRS = 0, ORDER_FP8_TABLE = 1, ORDER_NATURAL = 2 };  /* how pv4 / pv4f left the dims */
+
+static inline void unpermute(float *dst, const float *acc, int Dv, float mul, int order) {
+    if (order == ORDER_NATURAL) {            /* in order already (fp32 FMAs) */
         for (int d = 0; d < Dv; d++) dst[d] = mul * acc[d];
         return;
     }
-    if (lut) {                               /* ld64_fp8 order: position 16 c + 4 L + k holds dim 16 L + 4 c + k */
+    if (order == ORDER_FP8_TABLE) {          /* ld64_fp8 order: position 16 c + 4 L + k holds dim 16 L + 4 c + k */
         for (int d = 0; d < Dv; d += 64)
             for (int c = 0; c < 4; c++)
                 for (int L = 0; L < 4; L++)
@@ -893,17 +894,18 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
         const int h = h0 + hh;
         const float *acc = WS_ACC(hh), *m = WS_M(hh), *l = WS_L(hh);
         const float vs = is_int(VF) ? 1.f : row_scale(NULL, 0, VF, a->v_scale, h, WIDE);
+        const int order = WIDE ? ORDER_NATURAL : lut8(VF) ? ORDER_FP8_TABLE : ORDER_PAIRS;
         float o[MAX_DIM];
         for (int r = 0; r < R; r++) {
             if (partial) {
                 float *dst = partial + ((size_t)hh * R + r) * (Dv + 2);
-                unpermute(dst, acc + (size_t)r * Dv, Dv, vs, WIDE ? 2 : lut8(VF));
+                unpermute(dst, acc + (size_t)r * Dv, Dv, vs, order);
                 dst[Dv] = m[r];
                 dst[Dv + 1] = l[r];
                 continue;
             }
             const int t = r / G, hq = h * G + r % G;
-            unpermute(o, acc + (size_t)r * Dv, Dv, l[r] > 0.f ? vs / l[r] : 0.f, WIDE ? 2 : lut8(VF));
+            unpermute(o, acc + (size_t)r * Dv, Dv, l[r] > 0.f ? vs / l[r] : 0.f, order);
             store_row((uint8_t *)a->out + ((size_t)(q0 + t) * a->Hq + hq) * Dv * (a->dtype == FMT_F32 ? 4 : 2), o, a->dtype, Dv);
             if (a->lse) a->lse[(size_t)(q0 + t) * a->Hq + hq] = l[r] > 0.f ? m[r] + logf(l[r]) : -INFINITY;
         }
@@ -975,10 +977,13 @@ static void merge_splits(const decode_args *a, int b, int h0, int h1, int nsplit
 int hal_decode_supports(int dtype, int kfmt, int vfmt, int D, int Dv) {
     if (kfmt <= FMT_BF16 && vfmt <= FMT_BF16) return 1;
 #if HAL_FAST
-    if (kfmt != vfmt || kfmt <= FMT_BF16 || ((kfmt == FMT_INT6 || kfmt == FMT_INT4) && !INT6_OK) || Dv % 64) return 0;
-    if (is_wide(dtype) && !is_int(kfmt)) return D % 16 == 0;  /* fp8 rows of fp16/fp32 models: fp32 FMAs */
-    if (dtype == FMT_F32) return 0;          /* integer rows: int16 products are coarser than fp32 */
-    return D % (lut8(kfmt) && dtype == FMT_BF16 ? 64 : 32) == 0;
+    static const float one = 1.f;            /* the rules are fast_path_applies', on rows of these dims */
+    decode_args a;
+    memset(&a, 0, sizeof(a));
+    a.dtype = dtype; a.kfmt = kfmt; a.vfmt = vfmt; a.D = D; a.Dv = Dv;
+    a.k_width = row_bytes(kfmt, D); a.v_width = row_bytes(vfmt, Dv);
+    a.k_scale = a.v_scale = &one;
+    return fast_path_applies(&a);
 #else
     (void)dtype; (void)D; (void)Dv;
     return 0;
