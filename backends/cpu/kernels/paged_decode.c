@@ -420,15 +420,21 @@ typedef struct {
     const char *p[2 * FT];   /* K regions of the tile's tokens, then their V regions */
     int64_t klen, vlen;      /* bytes of one K / V region */
     int n, nk, idx;          /* regions, how many are K's, the one being walked */
-    int64_t off;             /* next byte of it */
+    int64_t off;             /* bytes of it walked, from its first cache line */
 } pf_cursor;
 
-static inline void pf_lines(pf_cursor *c, int lines) {
-    for (; lines > 0 && c->idx < c->n; lines--) {
-        _mm_prefetch(c->p[c->idx] + c->off, _MM_HINT_T1);
-        c->off += 64;
-        if (c->off >= (c->idx < c->nk ? c->klen : c->vlen)) { c->off = 0; c->idx++; }
+static inline void pf_lines(pf_cursor *c, int lines) {  /* fields in locals: c's stores would alias */
+    int idx = c->idx;
+    int64_t off = c->off;
+    while (lines > 0 && idx < c->n) {
+        const uintptr_t p = (uintptr_t)c->p[idx], len = (uintptr_t)(idx < c->nk ? c->klen : c->vlen);
+        const uintptr_t first = (p & ~(uintptr_t)63) + (uintptr_t)off, last = (p + len - 1) & ~(uintptr_t)63;
+        uintptr_t q = first;
+        for (; q <= last && lines > 0; q += 64, lines--) _mm_prefetch((const char *)q, _MM_HINT_T1);
+        if (q > last) { idx++; off = 0; } else off = (int64_t)(q - (p & ~(uintptr_t)63));
     }
+    c->idx = idx;
+    c->off = off;
 }
 
 /* st[i][r] (+)= q_r . k_i for four rows r over the tile's n keys, dims [c0, c0 + 32 NC): token-major,
@@ -677,17 +683,28 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 load_row((float *)qb + (size_t)r * D, qrow, a->dtype, D);
                 qs[r] = a->scale * ks;
             } else if (lut8(KF)) {               /* bf16 query, dims in ld64_fp8's order */
-                for (int d = 0; d < D; d++) qb[(size_t)r * D + d] = src[d / 64 * 64 + lut_dim(d % 64)];
+                uint16_t ix[64];
+                for (int j = 0; j < 64; j++) ix[j] = (uint16_t)lut_dim(j);
+                const __m512i i0 = _mm512_loadu_si512(ix), i1 = _mm512_loadu_si512(ix + 32);
+                for (int d = 0; d < D; d += 64) {
+                    const __m512i lo = _mm512_loadu_si512(src + d), hi = _mm512_loadu_si512(src + d + 32);
+                    _mm512_storeu_si512(qb + (size_t)r * D + d, _mm512_permutex2var_epi16(lo, i0, hi));
+                    _mm512_storeu_si512(qb + (size_t)r * D + d + 32, _mm512_permutex2var_epi16(lo, i1, hi));
+                }
                 qs[r] = a->scale * ks;
             } else if (!is_int(KF)) {            /* bf16 query as given */
                 memcpy(qb + (size_t)r * D, src, 2 * (size_t)D);
                 qs[r] = a->scale * ks;
             } else {                             /* int16 query: q = Q * round(q / Q), Q = max |q| / 32767 */
-                float qf[MAX_DIM], mx = 0.f;
+                float qf[MAX_DIM];
                 load_row(qf, qrow, a->dtype, D);
-                for (int d = 0; d < D; d++) { float v = fabsf(qf[d]); mx = v > mx ? v : mx; }
-                const float inv = mx > 0.f ? 32767.f / mx : 0.f;
-                for (int d = 0; d < D; d++) qb[(size_t)r * D + d] = (uint16_t)(int16_t)lrintf(qf[d] * inv);
+                __m512 vm = _mm512_setzero_ps();
+                for (int d = 0; d < D; d += 16) vm = _mm512_max_ps(vm, _mm512_abs_ps(_mm512_loadu_ps(qf + d)));
+                const float mx = _mm512_reduce_max_ps(vm);
+                const __m512 inv = _mm512_set1_ps(mx > 0.f ? 32767.f / mx : 0.f);
+                for (int d = 0; d < D; d += 16)  /* round to nearest even, as lrintf */
+                    _mm256_storeu_si256((__m256i *)(qb + (size_t)r * D + d),
+                                        _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(qf + d), inv))));
                 qs[r] = a->scale * (mx / 32767.f);
             }
         }
