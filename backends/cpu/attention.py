@@ -178,6 +178,8 @@ def paged_attention(q: torch.Tensor, cache: CpuKVStorage, layer: int, plan: Plan
         native = native_decode.eligible(plan, q.shape[1] // cache.num_heads)
         if any(native):
             native_decode.paged_decode(q, cache, layer, plan, p, out, lse, native)
+    if all(native):
+        return out, lse
     if (cache.spec.kv_dtype == "auto" and not cache.spec.is_mla
             and native_prefill.applies(q.dtype, q.shape[1], cache.num_heads, q.shape[2], cache.dims[1])):
         long_runs = native_prefill.eligible(plan.q_lens())

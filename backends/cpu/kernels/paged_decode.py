@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,9 +45,10 @@ _plan_arrays: weakref.WeakKeyDictionary[Plan, dict[object, torch.Tensor]] = weak
 def _arrays(plan: Plan, active: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     got = _plan_arrays.get(plan)
     if got is None:
-        got = {"seq_lens": torch.tensor(plan.seq_lens_host, dtype=torch.int32),
-               "cu_q": torch.tensor(plan.cu_seqlens_q_host, dtype=torch.int32)}
-        _plan_arrays[plan] = got
+        got = _plan_arrays[plan] = {}
+    if "seq_lens" not in got:
+        got["seq_lens"] = torch.tensor(plan.seq_lens_host, dtype=torch.int32)
+        got["cu_q"] = torch.tensor(plan.cu_seqlens_q_host, dtype=torch.int32)
     key = tuple(active)
     if key not in got:
         got[key] = torch.tensor(active, dtype=torch.uint8)
@@ -88,41 +90,68 @@ def applies(storage: object, q: torch.Tensor) -> bool:
     if fmt is None or q.dtype not in _FMT or spec.head_dim > MAX_DIM or spec.v_head_dim > MAX_DIM:
         return False
     lib = load("paged_decode")
-    return lib is not None and bool(lib.hal_decode_supports(_FMT[q.dtype], fmt, fmt, spec.head_dim, spec.v_head_dim))
+    return lib is not None and _supports(lib, _FMT[q.dtype], fmt, spec.head_dim, spec.v_head_dim)
+
+
+@functools.lru_cache(maxsize=256)
+def _supports(lib: ctypes.CDLL, qfmt: int, fmt: int, d: int, dv: int) -> bool:
+    return bool(lib.hal_decode_supports(qfmt, fmt, fmt, d, dv))
 
 
 def eligible(plan: Plan, group: int) -> list[bool]:
     """Per sequence: whether the kernel computes it (short query runs). Decided per sequence, never
     per batch, so a sequence takes the same path whatever else is in the batch (batch invariance)."""
-    return [0 < q <= MAX_Q_LEN and q * group <= MAX_ROWS for q in plan.q_lens()]
+    got = _plan_arrays.get(plan)
+    if got is None:
+        got = _plan_arrays[plan] = {}
+    key = ("eligible", group)
+    if key not in got:
+        got[key] = [0 < q <= MAX_Q_LEN and q * group <= MAX_ROWS for q in plan.q_lens()]
+    return list(got[key])
+
+
+# per cache storage (its row tensors never move): what the kernel needs of it, addresses per layer
+_storage_layouts: weakref.WeakKeyDictionary[object, tuple[int, ...]] = weakref.WeakKeyDictionary()
+
+
+def _layout(storage: object) -> tuple[int, ...]:
+    got = _storage_layouts.get(storage)
+    if got is None:
+        rows, scales = storage.rows, storage.scales  # type: ignore[attr-defined]
+        k, v = rows[0], rows[-1]  # [L, blocks, bs, H, width]; MLA: one component, K and V share the rows
+        ks, vs = (None, None) if scales is None else (scales[0], scales[-1])  # fp8: fp32 [L, H], one per head
+        if ks is not None and (ks.stride(1) != 1 or vs.stride(1) != 1):
+            raise AssertionError("fp8 scales must be stored [L, H] with heads contiguous")
+        got = (k.data_ptr(), k.stride(0) * k.element_size(), v.data_ptr(), v.stride(0) * v.element_size(),
+               k.shape[3], storage.spec.v_head_dim,  # type: ignore[attr-defined]
+               k.shape[-1] * k.element_size(), v.shape[-1] * v.element_size(),
+               0 if ks is None else ks.data_ptr(), 0 if ks is None else ks.stride(0) * 4,
+               0 if vs is None else vs.data_ptr(), 0 if vs is None else vs.stride(0) * 4)
+        _storage_layouts[storage] = got
+    return got
 
 
 def paged_decode(q: torch.Tensor, storage: object, layer: int, plan: Plan, p: AttentionParams,
                  out: torch.Tensor, lse: torch.Tensor | None, active: list[bool]) -> None:
     """Write out [T, Hq, Dv] (and lse [T, Hq]) rows of the ``active`` sequences."""
     lib = load("paged_decode")
-    rows = storage.rows  # type: ignore[attr-defined]
-    k_rows, v_rows = rows[0][layer], rows[-1][layer]  # MLA: one component, K and V share the rows
+    k_base, k_layer, v_base, v_layer, hkv, dv, k_width, v_width, ks_base, ks_layer, vs_base, vs_layer = _layout(storage)
     hq, d = q.shape[1], q.shape[2]
-    hkv, dv = k_rows.shape[2], storage.spec.v_head_dim  # type: ignore[attr-defined]
     q = q.contiguous()
     fmt = _row_format(storage.spec, q)  # type: ignore[attr-defined]
-    scales = storage.scales  # type: ignore[attr-defined]
-    k_scale = None if scales is None else scales[0][layer].contiguous()
-    v_scale = None if scales is None else scales[-1][layer].contiguous()
     table = plan.block_table_host
     seq_lens, cu_q, act = _arrays(plan, active)
     alibi = None if p.alibi_slopes is None else p.alibi_slopes.contiguous()
     sinks = None if p.sinks is None else p.sinks.contiguous()
     args = _Args(
-        q=_ptr(q), k=_ptr(k_rows), v=_ptr(v_rows), block_table=_ptr(table), seq_lens=_ptr(seq_lens),
-        cu_q=_ptr(cu_q), active=_ptr(act), out=_ptr(out), lse=_ptr(lse), alibi=_ptr(alibi), sinks=_ptr(sinks),
+        q=q.data_ptr(), k=k_base + layer * k_layer, v=v_base + layer * v_layer, block_table=table.data_ptr(),
+        seq_lens=seq_lens.data_ptr(), cu_q=cu_q.data_ptr(), active=act.data_ptr(), out=out.data_ptr(),
+        lse=_ptr(lse), alibi=_ptr(alibi), sinks=_ptr(sinks),
         bt_stride=table.shape[1], B=plan.num_seqs, Hq=hq, Hkv=hkv, D=d, Dv=dv, bs=plan.block_size,
-        dtype=_FMT[q.dtype], kfmt=fmt, vfmt=fmt,
-        k_width=k_rows.shape[-1] * k_rows.element_size(), v_width=v_rows.shape[-1] * v_rows.element_size(),
+        dtype=_FMT[q.dtype], kfmt=fmt, vfmt=fmt, k_width=k_width, v_width=v_width,
         scale=p.scale, softcap=p.softcap or 0.0, causal=int(p.causal),
         window=-1 if p.window_left is None else p.window_left,
         rows_read=_ptr(_counters[-1]) if _counters else None,
-        k_scale=_ptr(k_scale), v_scale=_ptr(v_scale))
+        k_scale=ks_base + layer * ks_layer if ks_base else None, v_scale=vs_base + layer * vs_layer if vs_base else None)
     rc = lib.hal_paged_decode(ctypes.byref(args), ctypes.c_int(torch.get_num_threads()))  # type: ignore[union-attr]
     assert rc == 0, "paged_decode.c refused sequences that eligible() accepted"
