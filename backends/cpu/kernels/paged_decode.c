@@ -360,15 +360,19 @@ __attribute__((constructor)) static void fp8_tables_init(void) {
 }
 
 #if FP8_LUT
-static inline void ld64_fp8(const uint8_t *p, int fmt, __m512i *z0, __m512i *z1) {
+static inline void ld64_fp8_bytes(__m512i x, int fmt, __m512i *z0, __m512i *z1) {
     const int t = fmt == FMT_E5M2;
-    const __m512i x = _mm512_loadu_si512(p);
     const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(fp8_tab[t][0]), x, _mm512_load_si512(fp8_tab[t][1]));
     __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(fp8_tab[t][2]), x, _mm512_load_si512(fp8_tab[t][3]));
     hi = _mm512_ternarylogic_epi32(hi, x, _mm512_set1_epi8((char)0x80), 0xF8);  /* hi | (x & 0x80) */
     *z0 = _mm512_unpacklo_epi8(lo, hi);  /* per 128-bit lane L: dims 16 L + 0..7 */
     *z1 = _mm512_unpackhi_epi8(lo, hi);  /*                      dims 16 L + 8..15 */
 }
+
+static inline void ld64_fp8(const uint8_t *p, int fmt, __m512i *z0, __m512i *z1) {
+    ld64_fp8_bytes(_mm512_loadu_si512(p), fmt, z0, z1);
+}
+
 #endif
 
 /* the dim that 16-bit lane j of z0 (j < 32) or z1 (j >= 32) of ld64_fp8 holds, within 64 */
@@ -435,6 +439,34 @@ static inline void pf_lines(pf_cursor *c, int lines) {  /* fields in locals: c's
     }
     c->idx = idx;
     c->off = off;
+}
+
+/* A work item: heads [h0, h1) of sequence b, keys of split `split` */
+typedef struct { int b, h0, h1, split; } item_ref;
+
+/* the keys [lo, hi) an item attends to: its split, past the window's start */
+static inline void item_keys(const decode_args *a, int b, int split, int *lo, int *hi) {
+    const int S = a->seq_lens[b], pos_first = S - (a->cu_q[b + 1] - a->cu_q[b]);
+    const int wlo = a->window >= 0 ? (pos_first - a->window > 0 ? pos_first - a->window : 0) : 0;
+    *hi = S < (split + 1) * SPLIT ? S : (split + 1) * SPLIT;
+    *lo = wlo > split * SPLIT ? wlo : split * SPLIT;
+}
+
+/* c := the K then V regions of tokens [t0, t1) of sequence b, heads from h0 (c->klen / vlen bytes each) */
+static inline void pf_fill(pf_cursor *c, const decode_args *a, int b, int h0, int t0, int t1) {
+    const int32_t *table = a->block_table + (int64_t)b * a->bt_stride;
+    const int64_t kb = (int64_t)a->bs * a->Hkv * a->k_width, vb = (int64_t)a->bs * a->Hkv * a->v_width;
+    const int64_t kt = (int64_t)a->Hkv * a->k_width, vt = (int64_t)a->Hkv * a->v_width;
+    const int m = t1 > t0 ? t1 - t0 : 0;
+    for (int i = 0; i < m; i++) {
+        const int64_t blk = table[(t0 + i) / a->bs], off = (t0 + i) % a->bs;
+        c->p[i] = (const char *)(a->k + blk * kb + off * kt + (int64_t)h0 * a->k_width);
+        c->p[m + i] = (const char *)(a->v + blk * vb + off * vt + (int64_t)h0 * a->v_width);
+    }
+    c->nk = m;
+    c->n = a->v == a->k ? m : 2 * m;         /* MLA: V is part of K's rows, fetched once */
+    c->idx = 0;
+    c->off = 0;
 }
 
 /* st[i][r] (+)= q_r . k_i for four rows r over the tile's n keys, dims [c0, c0 + 32 NC): token-major,
@@ -594,12 +626,19 @@ static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d,
     for (int k = 0; k < npairs; k++) {
         const uint8_t *va = vh[2 * k] + boff(VF, d), *vb = vh[2 * k + 1] + boff(VF, d);
         __m512i A0, B0, A1, B1;
+        __m512i L0, H0, L1, H1;
 #if FP8_LUT
-        if (lut8(VF)) { ld64_fp8(va, VF, &A0, &A1); ld64_fp8(vb, VF, &B0, &B1); } else
+        if (lut8(VF)) {                          /* the tokens' bytes paired first: then the lookup's unpacks */
+            const __m512i xa = _mm512_loadu_si512(va), xb = _mm512_loadu_si512(vb);  /* give (a, b) bf16 pairs */
+            ld64_fp8_bytes(_mm512_unpacklo_epi8(xa, xb), VF, &L0, &H0);  /* in the order of the unpacks below */
+            ld64_fp8_bytes(_mm512_unpackhi_epi8(xa, xb), VF, &L1, &H1);
+        } else
 #endif
-        { A0 = ld32(va, VF); B0 = ld32(vb, VF); A1 = ld32(va + boff(VF, 32), VF); B1 = ld32(vb + boff(VF, 32), VF); }
-        __m512i L0 = _mm512_unpacklo_epi16(A0, B0), H0 = _mm512_unpackhi_epi16(A0, B0);
-        __m512i L1 = _mm512_unpacklo_epi16(A1, B1), H1 = _mm512_unpackhi_epi16(A1, B1);
+        {
+            A0 = ld32(va, VF); B0 = ld32(vb, VF); A1 = ld32(va + boff(VF, 32), VF); B1 = ld32(vb + boff(VF, 32), VF);
+            L0 = _mm512_unpacklo_epi16(A0, B0); H0 = _mm512_unpackhi_epi16(A0, B0);
+            L1 = _mm512_unpacklo_epi16(A1, B1); H1 = _mm512_unpackhi_epi16(A1, B1);
+        }
         for (int r = 0; r < 4; r++) {
             const __m512i w0 = _mm512_set1_epi32((int)w[(size_t)r * WR + g0 * (FT / 2) + k]);
             const __m512i w1 = _mm512_set1_epi32((int)w[(size_t)r * WR + g1 * (FT / 2) + k]);
@@ -647,10 +686,11 @@ static inline void unpermute(float *dst, const float *acc, int Dv, float mul, in
 
 /* Keys [split * SPLIT, (split + 1) * SPLIT) of sequence b for KV heads [h0, h1). With partial == NULL
  * the item covers the whole sequence and stores the output; otherwise it stores its unnormalized
- * accumulator, running max and denominator there ([NH][R][Dv + 2]) for merge_splits(). */
+ * accumulator, running max and denominator there ([NH][R][Dv + 2]) for merge_splits(). During its last
+ * tile it prefetches the first tile of `next` (this thread's next item, if any). */
 static inline __attribute__((always_inline)) void decode_item_impl(const decode_args *a, int b, int h0, int h1, float *ws,
-                                                                   int split, float *partial, const int KF, const int VF,
-                                                                   const int WIDE) {
+                                                                   int split, float *partial, const item_ref *next,
+                                                                   const int KF, const int VF, const int WIDE) {
     const int G = a->Hq / a->Hkv, q0 = a->cu_q[b], ql = a->cu_q[b + 1] - q0, S = a->seq_lens[b];
     const int R = ql * G, R4 = (R + 3) & ~3, D = a->D, Dv = a->Dv, NH = h1 - h0;
     const size_t per_head = ws_per_head(R4, D, Dv);
@@ -727,9 +767,8 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
         memset(WS_W(hh), 0, sizeof(uint32_t) * (size_t)R4 * (FT / 2) * NG);
         memset(WS_S(hh), 0, sizeof(float) * (size_t)R4 * FT);
     }
-    int hi = S < (split + 1) * SPLIT ? S : (split + 1) * SPLIT;
-    int lo = a->window >= 0 ? (pos_first - a->window > 0 ? pos_first - a->window : 0) : 0;
-    if (lo < split * SPLIT) lo = split * SPLIT;
+    int lo, hi;
+    item_keys(a, b, split, &lo, &hi);
     const int32_t *table = a->block_table + (int64_t)b * a->bt_stride;
     const int64_t kb = (int64_t)a->bs * a->Hkv * a->k_width, vb = (int64_t)a->bs * a->Hkv * a->v_width;
     const int64_t kt = (int64_t)a->Hkv * a->k_width, vt = (int64_t)a->Hkv * a->v_width;
@@ -739,21 +778,10 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     float st16[16 * FT] __attribute__((aligned(64)));  /* ... of sixteen rows (scores16t) */
     const int ft = tile_len(KF), NU = ft / 16;
     pf_cursor cur;
-    const int same_kv = a->v == a->k;          /* MLA: V is part of K's rows, fetched once */
     cur.klen = (int64_t)NH * a->k_width;
     cur.vlen = (int64_t)NH * a->v_width;
-    /* the regions of tile [t0, t0 + ft) into cur */
-#define PF_TILE(t0) do {                                                                              \
-        const int t1_ = (t0) + ft < hi ? (t0) + ft : hi, m_ = t1_ > (t0) ? t1_ - (t0) : 0;           \
-        for (int i_ = 0; i_ < m_; i_++) {                                                             \
-            const int64_t blk_ = table[((t0) + i_) / a->bs], off_ = ((t0) + i_) % a->bs;               \
-            cur.p[i_] = (const char *)(a->k + blk_ * kb + off_ * kt + (int64_t)h0 * a->k_width);      \
-            cur.p[m_ + i_] = (const char *)(a->v + blk_ * vb + off_ * vt + (int64_t)h0 * a->v_width); \
-        }                                                                                             \
-        cur.nk = m_; cur.n = same_kv ? m_ : 2 * m_; cur.idx = 0; cur.off = 0;                         \
-    } while (0)
-    if (lo < hi) {                            /* the first tile: all at once */
-        PF_TILE(lo);
+    if (lo < hi) {                            /* the first tile: all at once (the previous item's last */
+        pf_fill(&cur, a, b, h0, lo, lo + ft < hi ? lo + ft : hi);  /* tile prefetched it when it knew) */
         pf_lines(&cur, 1 << 30);
     }
     for (int j0 = lo; j0 < hi; j0 += ft) {
@@ -765,7 +793,15 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             krow[i] = a->k + blk * kb + off * kt;
             vrow[i] = a->v + blk * vb + off * vt;
         }
-        PF_TILE(j0 + ft);                     /* the next tile, a few lines per key and head */
+        if (j0 + ft < hi) {                   /* the next tile, a few lines per key and head */
+            pf_fill(&cur, a, b, h0, j0 + ft, j0 + 2 * ft < hi ? j0 + 2 * ft : hi);
+        } else if (next && next->h1 - next->h0 == NH) {  /* or the first tile of this thread's next item */
+            int nlo, nhi;
+            item_keys(a, next->b, next->split, &nlo, &nhi);
+            pf_fill(&cur, a, next->b, next->h0, nlo, nlo + ft < nhi ? nlo + ft : nhi);
+        } else {
+            cur.n = cur.nk = 0;
+        }
         const int pf_per_key = (int)(((int64_t)cur.nk * (cur.klen / 64 + 1) + (int64_t)(cur.n - cur.nk) * (cur.vlen / 64 + 1))
                                      / ((int64_t)NH * n) + 1);
         /* masks only where they cut this tile: decode's keys all precede its first query */
@@ -934,29 +970,29 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
 #undef WS_L
 #undef WS_S
 #undef WS_W
-#undef PF_TILE
     free(tmp_q);
 }
 
-static void decode_item_fast(const decode_args *a, int b, int h0, int h1, float *ws, int split, float *partial) {
+static void decode_item_fast(const decode_args *a, int b, int h0, int h1, float *ws, int split, float *partial,
+                             const item_ref *next) {
     const int wide = is_wide(a->dtype);      /* fp16/fp32 model: fp32 FMAs for float rows (fp8 widened to fp32) */
     switch (a->kfmt) {                       /* one specialised copy per row format (K and V share it) */
-    case FMT_INT8: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_INT8, FMT_INT8, 0); break;
+    case FMT_INT8: decode_item_impl(a, b, h0, h1, ws, split, partial, next, FMT_INT8, FMT_INT8, 0); break;
 #if INT6_OK
-    case FMT_INT6: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_INT6, FMT_INT6, 0); break;
-    case FMT_INT4: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_INT4, FMT_INT4, 0); break;
+    case FMT_INT6: decode_item_impl(a, b, h0, h1, ws, split, partial, next, FMT_INT6, FMT_INT6, 0); break;
+    case FMT_INT4: decode_item_impl(a, b, h0, h1, ws, split, partial, next, FMT_INT4, FMT_INT4, 0); break;
 #endif
     case FMT_E4M3:
-        if (wide) decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_E4M3, FMT_E4M3, 1);
-        else decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_E4M3, FMT_E4M3, 0);
+        if (wide) decode_item_impl(a, b, h0, h1, ws, split, partial, next, FMT_E4M3, FMT_E4M3, 1);
+        else decode_item_impl(a, b, h0, h1, ws, split, partial, next, FMT_E4M3, FMT_E4M3, 0);
         break;
     case FMT_E5M2:
-        if (wide) decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_E5M2, FMT_E5M2, 1);
-        else decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_E5M2, FMT_E5M2, 0);
+        if (wide) decode_item_impl(a, b, h0, h1, ws, split, partial, next, FMT_E5M2, FMT_E5M2, 1);
+        else decode_item_impl(a, b, h0, h1, ws, split, partial, next, FMT_E5M2, FMT_E5M2, 0);
         break;
-    case FMT_F16: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_F16, FMT_F16, 1); break;
-    case FMT_F32: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_F32, FMT_F32, 1); break;
-    default: decode_item_impl(a, b, h0, h1, ws, split, partial, FMT_BF16, FMT_BF16, 0); break;
+    case FMT_F16: decode_item_impl(a, b, h0, h1, ws, split, partial, next, FMT_F16, FMT_F16, 1); break;
+    case FMT_F32: decode_item_impl(a, b, h0, h1, ws, split, partial, next, FMT_F32, FMT_F32, 1); break;
+    default: decode_item_impl(a, b, h0, h1, ws, split, partial, next, FMT_BF16, FMT_BF16, 0); break;
     }
 }
 
@@ -987,6 +1023,16 @@ static void merge_splits(const decode_args *a, int b, int h0, int h1, int nsplit
             if (a->lse) a->lse[(size_t)(q0 + t) * a->Hq + hq] = L > 0.f ? M + logf(L) : -INFINITY;
         }
 }
+/* Item `it` of the schedule (first[b]: sequence b's first item; a sequence's items: head group major,
+ * then split) */
+static item_ref item_of(const decode_args *a, const int *first, int it, int hpg) {
+    int b = 0;
+    while (first[b + 1] <= it) b++;
+    const int ns = (a->seq_lens[b] + SPLIT - 1) / SPLIT > 1 ? (a->seq_lens[b] + SPLIT - 1) / SPLIT : 1;
+    const int k = it - first[b], g = k / ns;
+    return (item_ref){b, g * hpg, (g + 1) * hpg, k % ns};
+}
+
 #endif
 
 /* Whether hal_paged_decode handles these formats and head dims here: auto rows always; quantized rows
@@ -1044,6 +1090,7 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
             poff[b + 1] = poff[b] + (on && ns > 1 ? (int64_t)groups * ns * hpg * ql * G * (a->Dv + 2) : 0);
         }
         const int items = first[a->B];
+        int next_item = 0;                    /* the first item no thread has claimed */
         float *partials = poff[a->B] ? (float *)malloc(sizeof(float) * (size_t)poff[a->B]) : NULL;
         const size_t bytes = (ws_per_head(R4, a->D, a->Dv) * hpg * sizeof(float) + 4095) / 64 * 64;
 #ifdef _OPENMP
@@ -1051,20 +1098,21 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
 #endif
         {
             float *ws = (float *)aligned_alloc(64, bytes);
-#ifdef _OPENMP
-            #pragma omp for schedule(dynamic, 1)
-#endif
-            for (int it = 0; it < items; it++) {
-                int b = 0;
-                while (first[b + 1] <= it) b++;
-                const int ns = (a->seq_lens[b] + SPLIT - 1) / SPLIT > 1 ? (a->seq_lens[b] + SPLIT - 1) / SPLIT : 1;
-                const int k = it - first[b], g = k / ns, sp = k % ns;
-                const int R = (a->cu_q[b + 1] - a->cu_q[b]) * G;
-                float *part = ns > 1 ? partials + poff[b] + ((int64_t)g * ns + sp) * hpg * R * (a->Dv + 2) : NULL;
-                decode_item_fast(a, b, g * hpg, (g + 1) * hpg, ws, sp, part);
+            /* dynamic schedule, each thread claiming its next item one ahead, so that the current item's
+             * last tile can prefetch the next one's first */
+            int it = __atomic_fetch_add(&next_item, 1, __ATOMIC_RELAXED);
+            while (it < items) {
+                const int it_next = __atomic_fetch_add(&next_item, 1, __ATOMIC_RELAXED);
+                const item_ref c = item_of(a, first, it, hpg), nx = item_of(a, first, it_next < items ? it_next : it, hpg);
+                const int ns = (a->seq_lens[c.b] + SPLIT - 1) / SPLIT > 1 ? (a->seq_lens[c.b] + SPLIT - 1) / SPLIT : 1;
+                const int R = (a->cu_q[c.b + 1] - a->cu_q[c.b]) * G;
+                float *part = ns > 1 ? partials + poff[c.b] + ((int64_t)(c.h0 / hpg) * ns + c.split) * hpg * R * (a->Dv + 2) : NULL;
+                decode_item_fast(a, c.b, c.h0, c.h1, ws, c.split, part, it_next < items ? &nx : NULL);
+                it = it_next;
             }
             free(ws);
 #ifdef _OPENMP
+            #pragma omp barrier
             #pragma omp for schedule(dynamic, 1)
 #endif
             for (int it = 0; it < a->B * groups; it++) {
