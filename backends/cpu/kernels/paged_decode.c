@@ -425,6 +425,7 @@ typedef struct {
     int64_t klen, vlen;      /* bytes of one K / V region */
     int n, nk, idx;          /* regions, how many are K's, the one being walked */
     int64_t off;             /* bytes of it walked, from its first cache line */
+    int rate, credit;        /* lines per compute step, and owed, in 1/16 lines */
 } pf_cursor;
 
 static inline void pf_lines(pf_cursor *c, int lines) {  /* fields in locals: c's stores would alias */
@@ -439,6 +440,13 @@ static inline void pf_lines(pf_cursor *c, int lines) {  /* fields in locals: c's
     }
     c->idx = idx;
     c->off = off;
+}
+
+/* `steps` compute steps done: their share of the lines (an even spread over the tile, never bursts) */
+static inline void pf_step(pf_cursor *c, int steps) {
+    c->credit += c->rate * steps;
+    pf_lines(c, c->credit >> 4);
+    c->credit &= 15;
 }
 
 /* A work item: heads [h0, h1) of sequence b, keys of split `split` */
@@ -473,7 +481,7 @@ static inline void pf_fill(pf_cursor *c, const decode_args *a, int b, int h0, in
  * one 4-wide store per key; rows4() turns it into rows */
 static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int D, int c0, const int NC,
                                                           const uint8_t *const *kh, int n, const int KF, float *s,
-                                                          int first, pf_cursor *pf, int pf_per_key) {
+                                                          int first, pf_cursor *pf) {
     __m512i q0[4], q1[4], q2[4], q3[4];
     for (int c = 0; c < NC; c++) {
         q0[c] = _mm512_loadu_si512(q + 0 * (size_t)D + c0 + 32 * c);
@@ -482,7 +490,7 @@ static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int
         q3[c] = _mm512_loadu_si512(q + 3 * (size_t)D + c0 + 32 * c);
     }
     for (int i = 0; i < n; i++) {
-        if (pf) pf_lines(pf, pf_per_key);
+        if (pf) pf_step(pf, 1);
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int c = 0; c < NC; c++) {
             __m512i kv;
@@ -518,11 +526,11 @@ static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int
 /* st[i][r] = q_r . k_i for sixteen bf16 rows at once, rows in lanes: qt [D / 2][16] holds the rows'
  * query pairs, each key pair is broadcast; eight keys at a time, no horizontal sums */
 static inline void scores16t(const uint32_t *qt, int D, const uint8_t *const *kh, int n, float *st,
-                             pf_cursor *pf, int pf_per_key) {
+                             pf_cursor *pf) {
     for (int i0 = 0; i0 < n; i0 += 8) {
         const uint32_t *k[8];
         for (int j = 0; j < 8; j++) k[j] = (const uint32_t *)(i0 + j < n ? kh[i0 + j] : zero_row);
-        if (pf) pf_lines(pf, 8 * pf_per_key);
+        if (pf) pf_step(pf, 8);
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
         for (int p = 0; p < D / 2; p++) {
             const __m512bh qv = (__m512bh)_mm512_load_si512(qt + 16 * (size_t)p);
@@ -539,9 +547,9 @@ static inline void scores16t(const uint32_t *qt, int D, const uint8_t *const *kh
 
 /* fp16/fp32 rows: st[i][r] = q_r . k_i for four rows, fp32 FMAs over the whole head dim (q in L1) */
 static inline void scores4f(const float *q, int D, const uint8_t *const *kh, int n, const int KF, float *st,
-                            pf_cursor *pf, int pf_per_key) {
+                            pf_cursor *pf) {
     for (int i = 0; i < n; i++) {
-        if (pf) pf_lines(pf, pf_per_key);
+        if (pf) pf_step(pf, 1);
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int d = 0; d < D; d += 16) {
             const __m512 k = ld16f(kh[i] + boff(KF, d), KF);
@@ -616,7 +624,7 @@ static inline void rows4(float *s, const float *st, int n) {
  * weights start at w + r * WR; int4 rows have a set per group of 32 dims (FT / 2 apart), and NG scales. */
 static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d, const uint32_t *w, int WR,
                                                       const float *wscale, int NG, const uint8_t *const *vh,
-                                                      int npairs, const int VF) {
+                                                      int npairs, const int VF, pf_cursor *pf) {
     const int g0 = is_grp(VF) ? d / 32 : 0, g1 = is_grp(VF) ? g0 + 1 : 0;
     float *a0 = acc + d, *a1 = a0 + Dv, *a2 = a1 + Dv, *a3 = a2 + Dv;
     __m512 x[4][4];
@@ -624,6 +632,7 @@ static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d,
         for (int c = 0; c < 4; c++)
             x[r][c] = is_int(VF) ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + (size_t)r * Dv + d + 16 * c);
     for (int k = 0; k < npairs; k++) {
+        if (pf) pf_step(pf, 1);
         const uint8_t *va = vh[2 * k] + boff(VF, d), *vb = vh[2 * k + 1] + boff(VF, d);
         __m512i A0, B0, A1, B1;
         __m512i L0, H0, L1, H1;
@@ -802,8 +811,11 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
         } else {
             cur.n = cur.nk = 0;
         }
-        const int pf_per_key = (int)(((int64_t)cur.nk * (cur.klen / 64 + 1) + (int64_t)(cur.n - cur.nk) * (cur.vlen / 64 + 1))
-                                     / ((int64_t)NH * n) + 1);
+        /* spread over both products of every head: per key of the scores, per token pair of P.V (pv4) */
+        const int pv_steps = WIDE ? 0 : npairs * ((Dv + 63) / 64);
+        const int64_t pf_total = (int64_t)cur.nk * (cur.klen / 64 + 1) + (int64_t)(cur.n - cur.nk) * (cur.vlen / 64 + 1);
+        cur.rate = (int)((pf_total * 16 * 9 / 8) / ((int64_t)NH * (n + pv_steps)) + 1);  /* done at ~90% of the tile */
+        cur.credit = 0;
         /* masks only where they cut this tile: decode's keys all precede its first query */
         const int causal_cut = a->causal && j0 + n - 1 > pos_first;
         const int window_cut = a->window >= 0 && j0 < pos_first + ql - 1 - a->window;
@@ -824,12 +836,12 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             vh[n] = zero_row;
             /* scores: four rows at a time, up to 128 dims of their queries in registers */
             for (int g = 0; use_t && g < R4 / 16; g++) {
-                scores16t((const uint32_t *)qb + (size_t)g * (D / 2) * 16, D, kh, n, st16, g == 0 ? &cur : NULL, pf_per_key);
+                scores16t((const uint32_t *)qb + (size_t)g * (D / 2) * 16, D, kh, n, st16, g == 0 ? &cur : NULL);
                 for (int i0 = 0; i0 < n; i0 += 16)  /* keys past n: garbage the softmax masks off */
                     transpose16(st16 + 16 * i0, s + (size_t)(16 * g) * FT + i0, FT);
             }
             for (int r = 0; WIDE && r < R4; r += 4) {
-                scores4f((const float *)qb + (size_t)r * D, D, kh, n, KF, st, r == 0 ? &cur : NULL, pf_per_key);
+                scores4f((const float *)qb + (size_t)r * D, D, kh, n, KF, st, r == 0 ? &cur : NULL);
                 rows4(s + (size_t)r * FT, st, n);
             }
             for (int r = 0; !use_t && !WIDE && r < R4; r += 4) {
@@ -838,10 +850,10 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                     pf_cursor *p = r == 0 && c0 == 0 ? &cur : NULL;
                     float *sr = st;
                     switch ((D - c0) / 32 < 4 ? (D - c0) / 32 : 4) {
-                    case 1: scores4(qb + (size_t)r * D, D, c0, 1, kh, n, KF, sr, first, p, pf_per_key); break;
-                    case 2: scores4(qb + (size_t)r * D, D, c0, 2, kh, n, KF, sr, first, p, pf_per_key); break;
-                    case 3: scores4(qb + (size_t)r * D, D, c0, 3, kh, n, KF, sr, first, p, pf_per_key); break;
-                    default: scores4(qb + (size_t)r * D, D, c0, 4, kh, n, KF, sr, first, p, pf_per_key); break;
+                    case 1: scores4(qb + (size_t)r * D, D, c0, 1, kh, n, KF, sr, first, p); break;
+                    case 2: scores4(qb + (size_t)r * D, D, c0, 2, kh, n, KF, sr, first, p); break;
+                    case 3: scores4(qb + (size_t)r * D, D, c0, 3, kh, n, KF, sr, first, p); break;
+                    default: scores4(qb + (size_t)r * D, D, c0, 4, kh, n, KF, sr, first, p); break;
                     }
                 }
                 rows4(s + (size_t)r * FT, st, n);
@@ -940,7 +952,8 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                     pv4f(acc + (size_t)r * Dv, Dv, d, s + (size_t)r * FT, vh, n, VF);
             for (int r = 0; !WIDE && r < R4; r += 4)
                 for (int d = 0; d < Dv; d += 64)
-                    pv4(acc + (size_t)r * Dv, Dv, d, w + (size_t)r * WR, WR, wscale + r * NG, NG, vh, npairs, VF);
+                    pv4(acc + (size_t)r * Dv, Dv, d, w + (size_t)r * WR, WR, wscale + r * NG, NG, vh, npairs, VF,
+                        r == 0 ? &cur : NULL);
         }
     }
     for (int hh = 0; hh < NH; hh++) {
