@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from hal.bench import TINY, accounting as A
 from hal.bench.cases import QUICK, CaseSpec, case_list
 from hal.bench.machine import MachineInfo, last_level_cache
-from hal.bench.runner import ImplResult, _run_case, metrics, run
+from hal.bench.runner import ImplResult, _run_case, metrics, paired_ratio, run
 
 
 def _hal(*args: str) -> subprocess.CompletedProcess[str]:
@@ -94,6 +95,21 @@ def test_metrics_arithmetic() -> None:
     assert r.frac_read_bw == pytest.approx(0.2)
     assert r.tflops == pytest.approx(0.02) and r.frac_bf16_peak == pytest.approx(0.01)
     assert r.intensity == 4.0 and r.speedup == pytest.approx(4.0)  # hal 4x faster than this baseline
+
+
+def test_ratios_pair_the_measurements_of_each_round() -> None:
+    # a slow-memory round slows hal and the baseline alike: the ratio of each round is 2, the ratio of
+    # the medians is not
+    hal_s, base_s = [1.0, 1.0, 3.0, 3.0, 3.0], [2.0, 2.0, 2.0, 6.0, 6.0]
+    assert paired_ratio(base_s, hal_s) == pytest.approx(2.0)
+    assert statistics.median(base_s) / statistics.median(hal_s) == pytest.approx(2.0 / 3.0)
+    m = MachineInfo(device="x", device_type="cpu", cpu_model="x", cores=2, torch_threads=2, torch_version="x",
+                    llc_bytes=None, llc_text="", memory_bytes=None, buffer_bytes=0, copy_gbps=20.0, read_gbps=25.0,
+                    matmul_n=0, matmul_tflops={})
+    r = metrics(ImplResult("sdpa", layers=2, seconds=[4.0, 4.0, 4.0, 12.0, 12.0]), m, hal_per_layer=3.0,
+                hal_rounds=(hal_s, 1))
+    assert r.speedup == pytest.approx(2.0)  # per layer: 2 s against hal's 1 s, then 6 against 3
+    assert paired_ratio([1.0, 2.0], [1.0]) is None  # rounds missing: no pairing
 
 
 def test_last_level_cache_is_found_or_unknown() -> None:
@@ -187,11 +203,15 @@ def test_run_in_process_reports_every_case_and_baseline() -> None:
             assert bool(r.tflops) == (r.name != "memcpy")
         if c.kind == "decode" and "int8" in c.label:  # the format's gain, measured in the same rounds
             unq = c.impl("hal-bf16")
-            assert unq is not None and unq.speedup == pytest.approx(unq.per_layer_s / c.impl("hal").per_layer_s)
+            hal_r = c.impl("hal")  # the median of the rounds' ratios
+            assert unq is not None and unq.speedup == pytest.approx(
+                statistics.median(u / unq.layers / (h / hal_r.layers) for u, h in zip(unq.seconds, hal_r.seconds)))
         if c.kind != "prefill":  # "% of copy" is against the memcpy timed in the case's own rounds
             copy = c.impl("memcpy")
             assert copy is not None and copy.frac_copy_bw == pytest.approx(1.0)
-            assert c.impl("hal").frac_copy_bw == pytest.approx(c.impl("hal").gbps / copy.gbps)
+            hal_r = c.impl("hal")
+            assert hal_r.frac_copy_bw == pytest.approx(statistics.median(
+                (hal_r.bytes / h) / (copy.bytes / m) for h, m in zip(hal_r.seconds, copy.seconds)))
     assert "done in" in stream.getvalue()  # the progress bar, one line per case off a terminal
     text = format_report(rep)
     assert "machine: copy" in text and "hal speedup" in text and "bf16 B2 S64" in text

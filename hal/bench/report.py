@@ -156,7 +156,7 @@ def format_report(report: BenchReport) -> str:
         n_skip = sum(c.status == "skip" for c in bb.cases)
         lines.append("")
         lines.append(f"  {len(bb.cases)} case{'s' if len(bb.cases) != 1 else ''}: {n_ok} measured, {n_skip} skipped, {len(bb.errors)} errors; "
-                     f"{bb.seconds:.1f}s. hal speedup = baseline time / hal time, measured in the same rounds.")
+                     f"{bb.seconds:.1f}s. hal speedup and %copy: medians of the ratios within each round (measured back to back).")
     return "\n".join(lines)
 
 

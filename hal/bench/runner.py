@@ -6,6 +6,9 @@ clocks) drifts for all of them alike; rounds continue from ``min_reps`` up to ``
 the case has taken less than ``budget_s`` (never past ``case_limit_s``). The reported time is the
 median of the rounds, the spread ``(max - min) / median``; the machine probes are best-of (see
 ``hal.bench.machine``). A very slow implementation cycles fewer layers (see :func:`measure`).
+Ratios between implementations of a case (hal's speedup, ``%copy`` against the in-round memcpy) are
+medians of the ratios within each round, whose measurements ran back to back: a minute when the
+machine's memory is slow then slows both sides of a ratio, instead of one side's median.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from hal.bench.build import MEMCPY, Impl, build
 from hal.bench.cases import QUICK, CaseSpec, Sizes, case_list
 from hal.bench.machine import MachineInfo, probe_machine, sync_for
 
-__all__ = ["ImplResult", "CaseResult", "BackendBench", "BenchReport", "Progress", "run", "measure", "metrics"]
+__all__ = ["ImplResult", "CaseResult", "BackendBench", "BenchReport", "Progress", "run", "measure", "metrics",
+           "paired_ratio"]
 
 
 @dataclass
@@ -191,9 +195,19 @@ def measure(impls: dict[str, Impl], layers: int, sync: Callable[[], None], sizes
     return samples, errors, used
 
 
-def metrics(r: ImplResult, machine: MachineInfo, hal_per_layer: float | None) -> ImplResult:
+def paired_ratio(num: list[float], den: list[float], num_scale: float = 1.0, den_scale: float = 1.0) -> float | None:
+    """The median over rounds of ``(num[i] * num_scale) / (den[i] * den_scale)``: measurements of the
+    same round, taken back to back (None unless both have every round)."""
+    if not num or len(num) != len(den) or min(den) <= 0:
+        return None
+    return statistics.median(a * num_scale / (b * den_scale) for a, b in zip(num, den))
+
+
+def metrics(r: ImplResult, machine: MachineInfo, hal_per_layer: float | None,
+            hal_rounds: tuple[list[float], int] | None = None) -> ImplResult:
     """Fill in the derived numbers of ``r`` from its seconds, layers, bytes and flops; ``hal_per_layer``
-    is hal's median seconds per layer in the same case (for a baseline's speedup)."""
+    is hal's median seconds per layer in the same case (for a baseline's speedup), ``hal_rounds`` hal's
+    seconds per round and layers: with them the speedup is the median of the rounds' ratios."""
     if not r.seconds:
         return r
     med = statistics.median(r.seconds)
@@ -210,7 +224,9 @@ def metrics(r: ImplResult, machine: MachineInfo, hal_per_layer: float | None) ->
         r.frac_fp32_peak = r.tflops / peak32 if peak32 else None
     r.intensity = r.flops / r.bytes if r.bytes else None
     if r.name != "hal" and hal_per_layer:
-        r.speedup = r.per_layer_s / hal_per_layer
+        paired = None if hal_rounds is None else paired_ratio(r.seconds, hal_rounds[0], 1 / max(r.layers, 1),
+                                                              1 / max(hal_rounds[1], 1))
+        r.speedup = paired if paired is not None else r.per_layer_s / hal_per_layer
     return r
 
 
@@ -255,7 +271,7 @@ def _run_case(c: CaseSpec, backend: Any, machine: MachineInfo, sizes: Sizes, ws:
                 r.status, r.message = "error", errors[name]
             else:
                 r.seconds = samples[name]
-            res.impls.append(metrics(r, machine, hal_per_layer))
+            res.impls.append(metrics(r, machine, hal_per_layer, (hal_s, hal_n) if hal_s else None))
             if n < layers:
                 cached = machine.llc_bytes is not None and r.bytes <= machine.llc_bytes
                 res.notes.append(f"{name} cycled {n} of {layers} layers to fit the time budget "
@@ -264,7 +280,8 @@ def _run_case(c: CaseSpec, backend: Any, machine: MachineInfo, sizes: Sizes, ws:
         copy = res.impl(MEMCPY)
         if copy is not None and copy.gbps:  # "% of copy" against the copy measured in the same rounds
             for r in res.impls:
-                r.frac_copy_bw = r.gbps / copy.gbps if r.gbps is not None else None
+                paired = paired_ratio(copy.seconds, r.seconds, 1 / copy.bytes, 1 / r.bytes) if r.bytes else None
+                r.frac_copy_bw = paired if paired is not None else (r.gbps / copy.gbps if r.gbps is not None else None)
             copy.speedup = None
             res.notes.append(f"%copy is against the memcpy timed in this case's rounds ({copy.gbps:.3g} GB/s; "
                              f"the probe at the start measured {machine.copy_gbps:.3g})")
