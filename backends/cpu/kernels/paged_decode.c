@@ -544,7 +544,7 @@ static inline void scores16t(const uint32_t *qt, int D, const uint8_t *const *kh
     }
 }
 
-/* The same for int8, int6 and fp8 keys: eight at a time widened once into 16-bit rows of a staging buffer
+/* The same for int8 and fp8 keys: eight at a time widened once into 16-bit rows of a staging buffer
  * (int16; fp8: bf16 in ld64_fp8's order, as the query), instead of once per group of four rows; the
  * rows then sit at one base and fixed offsets */
 static inline __attribute__((always_inline)) void scores16t_staged(const uint32_t *qt, int D, const uint8_t *const *kh,
@@ -588,14 +588,8 @@ static inline __attribute__((always_inline)) void scores16t_staged(const uint32_
 }
 
 /* Out of line: inlined, this code worsened the register allocation of the whole item (bf16 included) */
-static __attribute__((noinline)) void scores16t_int(const uint32_t *qt, int D, const uint8_t *const *kh, int n,
-                                                    float *st, pf_cursor *pf, int fmt) {
-#if INT6_OK
-    if (fmt == FMT_INT6) {
-        scores16t_staged(qt, D, kh, n, st, pf, FMT_INT6);
-        return;
-    }
-#endif
+static __attribute__((noinline)) void scores16t_int8(const uint32_t *qt, int D, const uint8_t *const *kh, int n,
+                                                     float *st, pf_cursor *pf) {
     scores16t_staged(qt, D, kh, n, st, pf, FMT_INT8);
 }
 
@@ -773,8 +767,8 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
 #define WS_S(hh) (WS_L(hh) + R4)
 #define WS_W(hh) ((uint32_t *)(WS_S(hh) + (size_t)R4 * FT))
     const int pos_first = S - ql;
-    /* 16 or more rows (MLA's heads, wide GQA groups, multi-token decode) of bf16, int8/int6 or fp8: scores16t */
-    const int use_t = (KF == FMT_BF16 || row_scaled(KF) || lut8(KF)) && !WIDE && R4 % 16 == 0;
+    /* 16 or more rows (MLA's heads, wide GQA groups, multi-token decode) of bf16, int8 or fp8: scores16t */
+    const int use_t = (KF == FMT_BF16 || KF == FMT_INT8 || lut8(KF)) && !WIDE && R4 % 16 == 0;
     const int NG = is_grp(VF) ? Dv / 32 : 1, WR = (FT / 2) * NG;  /* weight sets per row (int4: per group) */
     const int vrow_dim = is_grp(VF) ? (int)(a->v_width * 16 / 9) : Dv;  /* int4 V rows: dim/2 + dim/16 bytes */
     uint16_t *tmp_q = use_t ? (uint16_t *)malloc(sizeof(uint16_t) * (size_t)R4 * D) : NULL;
@@ -902,7 +896,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
 #if FP8_LUT
                 else if (lut8(KF)) scores16t_fp8((const uint32_t *)qb + (size_t)g * (D / 2) * 16, D, kh, n, st16, g == 0 ? &cur : NULL, KF);
 #endif
-                else scores16t_int((const uint32_t *)qb + (size_t)g * (D / 2) * 16, D, kh, n, st16, g == 0 ? &cur : NULL, KF);
+                else scores16t_int8((const uint32_t *)qb + (size_t)g * (D / 2) * 16, D, kh, n, st16, g == 0 ? &cur : NULL);
                 for (int i0 = 0; i0 < n; i0 += 16)  /* keys past n: garbage the softmax masks off */
                     transpose16(st16 + 16 * i0, s + (size_t)(16 * g) * FT + i0, FT);
             }
