@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -292,3 +293,25 @@ def test_measure_cuts_layers_of_a_slow_implementation_only() -> None:
     assert not errors and used["fast"] == 100 and 1 <= used["slow"] <= 5  # 0.1 s / (2 rounds x 0.01 s)
     assert calls[0] == 1 and calls[1:] == [used["slow"]] * 2  # timed on one layer, then the rounds
     assert [len(v) for v in samples.values()] == [2, 2]
+
+
+def test_decode_harness_builds_and_times_the_kernel(tmp_path: Path) -> None:
+    # tools/decode_harness.c: the kernel alone, from C (the README's "why" measurements)
+    import shutil
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / "dh"
+    build = subprocess.run([cc, "-O2", "-march=native", "-fopenmp", "-std=c11", "-I", str(root / "backends/cpu/kernels"),
+                            str(root / "tools/decode_harness.c"), "-o", str(exe), "-lm"],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    for args in (["gqa", "2", "64", "1", "1", "bf16", "1"], ["mla", "1", "128", "1", "1", "bf16", "1"]):
+        res = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert re.match(rf"{args[0]} bf16 B{args[1]} S{args[2]}, 1 threads: [0-9.]+ ms/layer, [0-9.]+ GB/s of rows",
+                        res.stdout), res.stdout
+    bad = subprocess.run([str(exe), "gqa", "1", "64", "1", "1", "bf17", "1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "FORMAT must be" in bad.stderr

@@ -1,0 +1,108 @@
+/* The cpu decode kernel alone, timed from C: the measurements behind the README's "why" notes.
+ *
+ *   gcc -O3 -march=native -fopenmp -std=c11 -I backends/cpu/kernels tools/decode_harness.c -o /tmp/dh -lm
+ *   /tmp/dh [gqa|mla] BATCH CONTEXT LAYERS THREADS FORMAT REPS
+ *   /tmp/dh gqa 8 4096 8 2 int8 5      # Llama-3-8B shapes: 32/8 heads, d128, block 16
+ *   /tmp/dh mla 1 4096 57 2 bf16 5     # DeepSeek-V2-Lite absorbed: 16 heads, one 576-wide row, block 64
+ *
+ * FORMAT: bf16, int8, fp8_e4m3, fp8_e5m2, int6, int4 (rows as hal/kv_formats.py lays them out; the
+ * values are a fixed pattern, the timing does not depend on them). Pages are permuted as in hal bench;
+ * each layer has its own K and V buffers, so LAYERS sets the working set (keep it well above the
+ * last-level cache to measure memory, below it to measure compute). Prints the best of REPS passes
+ * over the layers, then the read bandwidth of a plain pass over the same buffers. Compare builds by
+ * alternating them in balanced order (A B B A): this VM drifts by 5-10% between minutes.
+ */
+#include "paged_decode.c"
+
+#include <stdio.h>
+#include <time.h>
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static int parse_format(const char *s) {
+    const char *names[] = {"fp32", "fp16", "bf16", "int8", "fp8_e4m3", "fp8_e5m2", "int6", "int4"};
+    for (int i = 0; i < 8; i++)
+        if (!strcmp(s, names[i])) return i;
+    return -1;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 8) {
+        fprintf(stderr, "usage: %s [gqa|mla] BATCH CONTEXT LAYERS THREADS FORMAT REPS\n", argv[0]);
+        return 2;
+    }
+    const int mla = !strcmp(argv[1], "mla");
+    const int B = atoi(argv[2]), S = atoi(argv[3]), L = atoi(argv[4]), threads = atoi(argv[5]);
+    const int fmt = parse_format(argv[6]), reps = atoi(argv[7]);
+    if (fmt < FMT_BF16 || B < 1 || S < 1 || L < 1 || threads < 1 || reps < 1) {
+        fprintf(stderr, "FORMAT must be bf16, int8, fp8_e4m3, fp8_e5m2, int6 or int4; the counts positive\n");
+        return 2;
+    }
+    const int Hq = mla ? 16 : 32, Hkv = mla ? 1 : 8, D = mla ? 576 : 128, Dv = mla ? 512 : 128;
+    const int bs = mla ? 64 : 16, need = (S + bs - 1) / bs, nb = B * need;
+    const int64_t width = fmt == FMT_BF16 ? 2 * D : fmt == FMT_INT8 ? D + 2 : fmt == FMT_INT6 ? 3 * D / 4 + 2
+                        : fmt == FMT_INT4 ? D / 2 + D / 16 : D;  /* bytes per row (hal/kv_formats.py) */
+    const size_t layer_bytes = (size_t)nb * bs * Hkv * width;
+    const int comps = mla ? 1 : 2;  /* MLA: V is the first Dv channels of K's row */
+    uint8_t **rows = malloc(sizeof(uint8_t *) * (size_t)L * comps);
+    for (int i = 0; i < L * comps; i++) {
+        rows[i] = aligned_alloc(64, (layer_bytes + 63) / 64 * 64);
+        for (size_t j = 0; j < layer_bytes; j++) rows[i][j] = (uint8_t)((j * (7 + 6 * (i % 2)) + (size_t)i) & 0x3f);
+    }
+    int32_t *table = malloc(sizeof(int32_t) * (size_t)nb);
+    for (int i = 0; i < nb; i++) table[i] = i;
+    srand(1);
+    for (int i = nb - 1; i > 0; i--) {  /* pages permuted */
+        const int j = rand() % (i + 1), t = table[i];
+        table[i] = table[j];
+        table[j] = t;
+    }
+    int32_t *seq_lens = malloc(sizeof(int32_t) * (size_t)B), *cu_q = malloc(sizeof(int32_t) * (size_t)(B + 1));
+    uint8_t *active = malloc((size_t)B);
+    for (int b = 0; b <= B; b++) cu_q[b] = b;
+    for (int b = 0; b < B; b++) { seq_lens[b] = S; active[b] = 1; }
+    uint16_t *q = malloc(sizeof(uint16_t) * (size_t)B * Hq * D), *out = malloc(sizeof(uint16_t) * (size_t)B * Hq * Dv);
+    for (size_t i = 0; i < (size_t)B * Hq * D; i++) q[i] = (uint16_t)(0x3f80 + (i & 7));  /* bf16 1.0 .. 1.05 */
+    float scales[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+    decode_args a = {0};
+    a.q = q; a.out = out; a.block_table = table; a.seq_lens = seq_lens; a.cu_q = cu_q; a.active = active;
+    a.bt_stride = need; a.B = B; a.Hq = Hq; a.Hkv = Hkv; a.D = D; a.Dv = Dv; a.bs = bs;
+    a.dtype = FMT_BF16; a.kfmt = a.vfmt = fmt; a.k_width = a.v_width = width;
+    a.scale = 1.f / sqrtf((float)D); a.causal = 1; a.window = -1; a.k_scale = a.v_scale = scales;
+    double best = 1e30;
+    for (int r = 0; r < reps; r++) {
+        const double t0 = now_s();
+        for (int l = 0; l < L; l++) {
+            a.k = rows[l * comps];
+            a.v = rows[l * comps + comps - 1];
+            if (hal_paged_decode(&a, threads)) { fprintf(stderr, "the kernel refused the call\n"); return 1; }
+        }
+        const double t = (now_s() - t0) / L;
+        best = t < best ? t : best;
+    }
+    printf("%s %s B%d S%d, %d threads: %.3f ms/layer, %.2f GB/s of rows\n", mla ? "mla" : "gqa", argv[6], B, S,
+           threads, best * 1e3, comps * (double)layer_bytes / best / 1e9);
+    best = 1e30;
+    for (int r = 0; r < 3; r++) {  /* a plain read of the same buffers */
+        const double t0 = now_s();
+        uint64_t acc = 0;
+#ifdef _OPENMP
+        #pragma omp parallel for num_threads(threads) reduction(^ : acc)
+#endif
+        for (int i = 0; i < L * comps; i++) {
+            const uint64_t *p = (const uint64_t *)rows[i];
+            uint64_t x = 0;
+            for (size_t j = 0; j < layer_bytes / 8; j++) x ^= p[j];
+            acc ^= x;
+        }
+        const double t = (now_s() - t0) / L;
+        best = t < best ? t : best;
+        if (acc == 42) printf(" ");
+    }
+    printf("  read: %.2f GB/s\n", comps * (double)layer_bytes / best / 1e9);
+    return 0;
+}
