@@ -4,6 +4,9 @@ NaN and infinities strictly, its cases are well formed, and the cpu backend pass
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,29 +70,23 @@ def test_cpu_passes_the_quick_level() -> None:
     assert all(o.status == "pass" for o in rep.outcomes)  # cpu declares everything the quick level asks
 
 
+def _hal_with(env_overrides: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hal", *args], env=dict(os.environ, **env_overrides),
+                          capture_output=True, text=True, timeout=900)
+
+
 def test_cpu_passes_the_quick_level_with_native_kernels_off() -> None:
     # the torch implementation stands alone too (machines without a C compiler run it)
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, HAL_CPU_KERNELS="torch")
-    res = subprocess.run([sys.executable, "-m", "hal", "conformance", "--backend", "cpu"], env=env,
-                         capture_output=True, text=True, timeout=900)
+    res = _hal_with({"HAL_CPU_KERNELS": "torch"}, "conformance", "--backend", "cpu")
     assert res.returncode == 0, res.stdout[-3000:]
     assert "FAIL" not in res.stdout
 
 
 def test_cpu_passes_the_quick_level_with_kernels_built_for_avx2() -> None:
     # a machine without AVX-512 builds the plain paths of the C kernels; they keep the contract too
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, HAL_CPU_MARCH="x86-64-v3")
-    res = subprocess.run([sys.executable, "-m", "hal", "conformance", "--backend", "cpu"], env=env,
-                         capture_output=True, text=True, timeout=900)
+    env = {"HAL_CPU_MARCH": "x86-64-v3"}
+    res = _hal_with(env, "conformance", "--backend", "cpu")
     assert res.returncode == 0, res.stdout[-3000:]
     assert "FAIL" not in res.stdout
-    info = subprocess.run([sys.executable, "-m", "hal", "info"], env=env, capture_output=True, text=True, timeout=300)
+    info = _hal_with(env, "info")
     assert "paged_decode native" in info.stdout, info.stdout[-2000:]

@@ -7,6 +7,7 @@ import functools
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -38,14 +39,20 @@ class _Args(ctypes.Structure):
     ]
 
 
-# per plan (built once per step, reused by every layer): its host arrays as the kernel takes them
-_plan_arrays: weakref.WeakKeyDictionary[Plan, dict[object, torch.Tensor]] = weakref.WeakKeyDictionary()
+# per plan (built once per step, reused by every layer): its host arrays as the kernel takes them, and
+# which sequences the kernel computes
+_plan_arrays: weakref.WeakKeyDictionary[Plan, dict[object, Any]] = weakref.WeakKeyDictionary()
 
 
-def _arrays(plan: Plan, active: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _plan_cache(plan: Plan) -> dict[object, Any]:
     got = _plan_arrays.get(plan)
     if got is None:
         got = _plan_arrays[plan] = {}
+    return got
+
+
+def _arrays(plan: Plan, active: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    got = _plan_cache(plan)
     if "seq_lens" not in got:
         got["seq_lens"] = torch.tensor(plan.seq_lens_host, dtype=torch.int32)
         got["cu_q"] = torch.tensor(plan.cu_seqlens_q_host, dtype=torch.int32)
@@ -101,9 +108,7 @@ def _supports(lib: ctypes.CDLL, qfmt: int, fmt: int, d: int, dv: int) -> bool:
 def eligible(plan: Plan, group: int) -> list[bool]:
     """Per sequence: whether the kernel computes it (short query runs). Decided per sequence, never
     per batch, so a sequence takes the same path whatever else is in the batch (batch invariance)."""
-    got = _plan_arrays.get(plan)
-    if got is None:
-        got = _plan_arrays[plan] = {}
+    got = _plan_cache(plan)
     key = ("eligible", group)
     if key not in got:
         got[key] = [0 < q <= MAX_Q_LEN and q * group <= MAX_ROWS for q in plan.q_lens()]
@@ -120,7 +125,7 @@ def _layout(storage: object) -> tuple[int, ...]:
         rows, scales = storage.rows, storage.scales  # type: ignore[attr-defined]
         k, v = rows[0], rows[-1]  # [L, blocks, bs, H, width]; MLA: one component, K and V share the rows
         ks, vs = (None, None) if scales is None else (scales[0], scales[-1])  # fp8: fp32 [L, H], one per head
-        if ks is not None and (ks.stride(1) != 1 or vs.stride(1) != 1):
+        if ks is not None and vs is not None and (ks.stride(1) != 1 or vs.stride(1) != 1):
             raise AssertionError("fp8 scales must be stored [L, H] with heads contiguous")
         got = (k.data_ptr(), k.stride(0) * k.element_size(), v.data_ptr(), v.stride(0) * v.element_size(),
                k.shape[3], storage.spec.v_head_dim,  # type: ignore[attr-defined]
