@@ -60,8 +60,11 @@ class CpuBackend(Backend):
             status = {name: kernels.status(name) for name in ("paged_decode", "flash_prefill")}
             if status["flash_prefill"] == "native" and not kernels.load("flash_prefill").hal_flash_prefill_available():
                 status["flash_prefill"] = "built without AVX-512 BF16: bf16 prefill runs in torch"
+            from hal import hostmem
+
             note = "native kernels: " + "; ".join(f"{k} {v}" for k, v in status.items())
-            self._capabilities = dataclasses.replace(_CAPABILITIES, notes=(note,))
+            pages = f"KV cache memory: 2 MiB pages asked for (transparent huge pages: {hostmem.status()})"
+            self._capabilities = dataclasses.replace(_CAPABILITIES, notes=(note, pages))
         return self._capabilities
 
     # ops live in attention.py and kv_cache.py; imported on first call

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hal import kv_formats
+from hal import hostmem, kv_formats
 from hal.kv_cache import KVCacheSpec, MLACacheSpec
 
 _FP8 = ("fp8_e4m3", "fp8_e5m2")
@@ -90,8 +90,8 @@ def create(spec: KVCacheSpec | MLACacheSpec, num_blocks: int, device: torch.devi
     dims = [spec.head_dim] if spec.is_mla else [spec.head_dim, spec.v_head_dim]
     heads = spec.num_kv_heads
     dt = kv_formats.storage_dtype(spec.kv_dtype, spec.torch_dtype)
-    rows = [torch.zeros(spec.num_layers, num_blocks, spec.block_size, heads,
-                        kv_formats.row_width(spec.kv_dtype, d, spec.torch_dtype), dtype=dt, device=device)
+    rows = [hostmem.zeros(spec.num_layers, num_blocks, spec.block_size, heads,  # 2 MiB pages: see hal.hostmem
+                          kv_formats.row_width(spec.kv_dtype, d, spec.torch_dtype), dtype=dt, device=device)
             for d in dims]
     scales = frozen = None
     given: tuple[bool, ...] = ()

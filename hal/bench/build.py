@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hal import hostmem
 from hal.bench import accounting as A
 from hal.bench.cases import DSV2_LITE, LLAMA3_8B, CaseSpec
 from hal.dtypes import DTYPES
@@ -87,8 +88,8 @@ def _memcpy_impl(layers: int, working_set: int) -> Impl:
     from hal.bench.machine import copy_buffer_bytes, last_level_cache
 
     size = max(A.MiB, min(working_set, copy_buffer_bytes(last_level_cache()[0]))) // 4 * 4
-    src = torch.ones(size // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
+    src = hostmem.zeros(size // 4, dtype=torch.float32).fill_(1.0)  # 2 MiB pages, as the probe's
+    dst = hostmem.zeros(size // 4, dtype=torch.float32)
     run = (lambda _n: dst.copy_(src))
     return Impl(run, lambda: dst.copy_(src), max(1, A.copy_bytes(size) // max(layers, 1)), 0, whole=True)
 

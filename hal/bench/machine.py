@@ -1,7 +1,7 @@
 """What the machine can do, measured in the same process as the cases: the roofline's two lines.
 
-- copy bandwidth: best of N ``dst.copy_(src)`` over buffers well above the last-level cache,
-  counting the bytes copied (STREAM counts read + write, twice this; see ``hal.bench.accounting``);
+- copy bandwidth: best of N ``dst.copy_(src)`` over buffers well above the last-level cache (on
+  2 MiB pages where the OS allows, as hal's cpu caches are: ``hal.hostmem``), counting the bytes copied (STREAM counts read + write, twice this; see ``hal.bench.accounting``);
 - read bandwidth: best of N reductions over the same buffer, counting the bytes read (decode
   attention mostly reads); the best of two reductions, so that a reduction that is compute-bound
   on some CPU does not pass for the memory's limit;
@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from hal import hostmem
 from hal.bench.accounting import GiB, MiB, copy_bytes, matmul_flops, read_bytes
 
 __all__ = ["MachineInfo", "probe_machine", "last_level_cache", "memory_bytes", "cpu_model", "sync_for",
@@ -51,6 +52,7 @@ class MachineInfo:
     read_gbps: float  # best of N reductions, bytes read
     matmul_n: int
     matmul_tflops: dict[str, float] = field(default_factory=dict)  # "bf16", "fp32": best of N
+    huge_pages: str = ""  # cpu: the transparent-huge-page mode (hal.hostmem.status)
     samples: dict[str, list[float]] = field(default_factory=dict)  # every probe's seconds, for the spread
     seconds: float = 0.0
 
@@ -176,8 +178,9 @@ def probe_machine(device: torch.device, description: str, *, buffer_bytes: int |
     llc, llc_text = last_level_cache() if device.type == "cpu" else (None, "n/a (not a cpu)")
     size = buffer_bytes if buffer_bytes is not None else copy_buffer_bytes(llc)
     n = size // 4
-    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)  # fill: touch every page
-    dst = torch.empty_like(src).fill_(0.0)
+    # on 2 MiB pages where the OS allows, as hal's cpu caches are (hal.hostmem): the machine's best copy
+    src = hostmem.zeros(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = hostmem.zeros(n, dtype=torch.float32, device=device)
     samples: dict[str, list[float]] = {}
     samples["copy"] = _best(lambda: dst.copy_(src), sync, reps)
     samples["read_sum_fp32"] = _best(lambda: src.sum(), sync, reps)
@@ -200,4 +203,5 @@ def probe_machine(device: torch.device, description: str, *, buffer_bytes: int |
         torch_threads=torch.get_num_threads(), torch_version=torch.__version__, llc_bytes=llc,
         llc_text=llc_text, memory_bytes=memory_bytes(device), buffer_bytes=size,
         copy_gbps=copy_bytes(size) / min(samples["copy"]) / 1e9, read_gbps=read_bytes(size) / best_read / 1e9,
-        matmul_n=matmul_n, matmul_tflops=tflops, samples=samples, seconds=time.perf_counter() - t_start)
+        matmul_n=matmul_n, matmul_tflops=tflops, huge_pages=hostmem.status() if device.type == "cpu" else "",
+        samples=samples, seconds=time.perf_counter() - t_start)

@@ -63,7 +63,8 @@ def _machine_lines(bb: BackendBench, report: BenchReport) -> list[str]:
     ridge = {k: v * 1e3 / m.copy_gbps for k, v in m.matmul_tflops.items()} if m.copy_gbps else {}
     out.append("           ridge point (matmul peak / copy bandwidth): "
                + ", ".join(f"{k} {v:.3g} FLOP/B" for k, v in ridge.items())
-               + f"; last-level cache {m.llc_text}; memory {_size(m.memory_bytes)}")
+               + f"; last-level cache {m.llc_text}; memory {_size(m.memory_bytes)}"
+               + (f"; transparent huge pages {m.huge_pages}" if m.huge_pages else ""))
     out.append(f"  timing:  {report.timing}; decode/MLA cycle layers until one measurement reads "
                f">= {_size(bb.working_set_target)} of KV")
     return out
