@@ -6,15 +6,18 @@
  *   /tmp/dh mla 1 4096 57 2 bf16 5     # DeepSeek-V2-Lite absorbed: 16 heads, one 576-wide row, block 64
  *
  * FORMAT: bf16, int8, fp8_e4m3, fp8_e5m2, int6, int4 (rows as hal/kv_formats.py lays them out; the
- * values are a fixed pattern, the timing does not depend on them). Pages are permuted as in hal bench;
+ * values are a fixed pattern, the timing does not depend on them). Pages are permuted as in hal bench,
+ * and the rows sit on 2 MiB pages where Linux allows, as hal's cpu cache does (hal/hostmem.py);
  * each layer has its own K and V buffers, so LAYERS sets the working set (keep it well above the
  * last-level cache to measure memory, below it to measure compute). Prints the best of REPS passes
  * over the layers, then the read bandwidth of a plain pass over the same buffers. Compare builds by
  * alternating them in balanced order (A B B A): this VM drifts by 5-10% between minutes.
  */
+#define _GNU_SOURCE
 #include "paged_decode.c"
 
 #include <stdio.h>
+#include <sys/mman.h>
 #include <time.h>
 
 static double now_s(void) {
@@ -50,7 +53,11 @@ int main(int argc, char **argv) {
     const int comps = mla ? 1 : 2;  /* MLA: V is the first Dv channels of K's row */
     uint8_t **rows = malloc(sizeof(uint8_t *) * (size_t)L * comps);
     for (int i = 0; i < L * comps; i++) {
-        rows[i] = aligned_alloc(64, (layer_bytes + 63) / 64 * 64);
+        const size_t huge = (size_t)2 << 20, alloc = (layer_bytes + huge - 1) / huge * huge;
+        rows[i] = aligned_alloc(huge, alloc);
+#ifdef MADV_HUGEPAGE
+        madvise(rows[i], alloc, MADV_HUGEPAGE);  /* advice: ordinary pages where declined */
+#endif
         for (size_t j = 0; j < layer_bytes; j++) rows[i][j] = (uint8_t)((j * (7 + 6 * (i % 2)) + (size_t)i) & 0x3f);
     }
     int32_t *table = malloc(sizeof(int32_t) * (size_t)nb);
