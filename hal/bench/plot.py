@@ -40,10 +40,11 @@ def _axes(ax: Any, bb: Any) -> None:
     seen: set[tuple[str, str]] = set()
     for xi, yi, c, r in pts:
         key = (c.kind, r.name)
-        ax.scatter([xi], [yi], marker=_MARKERS.get(r.name, "x"), color=_COLORS.get(c.kind, "tab:red"),
+        marker = _MARKERS.get(r.name, "x")
+        edge = {"edgecolors": "black" if r.name == "hal" else "none"} if marker != "x" else {}  # "x" has no edge
+        ax.scatter([xi], [yi], marker=marker, color=_COLORS.get(c.kind, "tab:red"),
                    s=60 if r.name == "hal" else 40, alpha=0.9 if r.name == "hal" else 0.6,
-                   edgecolors="black" if r.name == "hal" else "none",
-                   label=f"{c.kind} {r.name}" if key not in seen else None, zorder=3)
+                   label=f"{c.kind} {r.name}" if key not in seen else None, zorder=3, **edge)
         seen.add(key)
         if r.name == "hal":
             ax.annotate(c.label.split(" ", 1)[1], (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=7)
