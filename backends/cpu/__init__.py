@@ -58,6 +58,7 @@ class CpuBackend(Backend):
             from hal.backends.cpu import kernels
 
             status = {name: kernels.status(name) for name in ("paged_decode", "flash_prefill")}
+            status["paged_decode (quantized MLA build)"] = kernels.status("paged_decode", ("HAL_STAGED16",))
             if status["flash_prefill"] == "native" and not kernels.load("flash_prefill").hal_flash_prefill_available():
                 status["flash_prefill"] = "built without AVX-512 BF16: bf16 prefill runs in torch"
             from hal import hostmem

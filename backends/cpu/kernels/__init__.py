@@ -4,7 +4,8 @@
 (``HAL_CACHE_DIR``), keyed by the source, the flags and the CPU's feature flags, so a machine
 with AVX-512 gets the AVX-512 paths and one without gets plain C loops. When no compiler is
 found, or ``HAL_CPU_KERNELS=torch``, the backend runs its PyTorch implementation instead and
-``hal info`` says why.
+``hal info`` says why. A source can also be built as a variant with extra ``-D`` macros (its own
+library, e.g. ``paged_decode`` with ``HAL_STAGED16`` for MLA caches).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from hal import config
 _HERE = Path(__file__).parent
 _FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wall", "-lm"]  # and -march=HAL_CPU_MARCH
 _lock = threading.Lock()
-_libs: dict[str, ctypes.CDLL | str] = {}  # source name -> library, or the reason it is unavailable
+_libs: dict[tuple[str, tuple[str, ...]], ctypes.CDLL | str] = {}  # (source, macros) -> library, or why not
 
 
 def _cpu_flags() -> str:
@@ -37,18 +38,18 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _build(name: str) -> ctypes.CDLL | str:
+def _build(name: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL | str:
     if config.get("HAL_CPU_KERNELS") == "torch":
         return "HAL_CPU_KERNELS=torch"
     wanted = str(config.get("HAL_CC"))
     cc = shutil.which(wanted) if wanted else (shutil.which("gcc") or shutil.which("cc"))
     if cc is None:
         return f"C compiler {wanted!r} (HAL_CC) not found" if wanted else "no C compiler found (install gcc, or set HAL_CC)"
-    flags = [f"-march={config.get('HAL_CPU_MARCH')}", *_FLAGS]
+    flags = [f"-march={config.get('HAL_CPU_MARCH')}", *_FLAGS, *(f"-D{d}" for d in defines)]
     src = (_HERE / f"{name}.c").read_bytes() + b"".join(h.read_bytes() for h in sorted(_HERE.glob("*.h")))
     key = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _cpu_flags().encode()).hexdigest()[:16]
     out_dir = Path(str(config.get("HAL_CACHE_DIR"))).expanduser() / "kernels"
-    lib_path = out_dir / f"{name}-{key}.so"
+    lib_path = out_dir / f"{'-'.join([name, *defines])}-{key}.so"
     if not lib_path.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
@@ -61,19 +62,20 @@ def _build(name: str) -> ctypes.CDLL | str:
     return ctypes.CDLL(str(lib_path))
 
 
-def load(name: str) -> ctypes.CDLL | None:
-    """The compiled library ``name`` (building it on first use), or None when unavailable."""
+def load(name: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The compiled library ``name`` built with macros ``defines`` (on first use), or None when unavailable."""
+    key = (name, defines)
     with _lock:
-        if name not in _libs:
-            _libs[name] = _build(name)
-        lib = _libs[name]
+        if key not in _libs:
+            _libs[key] = _build(name, defines)
+        lib = _libs[key]
     return lib if isinstance(lib, ctypes.CDLL) else None
 
 
-def status(name: str) -> str:
+def status(name: str, defines: tuple[str, ...] = ()) -> str:
     """'native' or the reason the torch implementation runs instead."""
-    lib = load(name)
-    return "native" if lib is not None else str(_libs[name])
+    lib = load(name, defines)
+    return "native" if lib is not None else str(_libs[(name, defines)])
 
 
 def reset() -> None:

@@ -580,6 +580,71 @@ static inline void scores16t(const uint32_t *qt, int D, const uint8_t *const *kh
 }
 
 
+#ifdef HAL_STAGED16
+/* The build for int8/int6/fp8 MLA caches (-DHAL_STAGED16, see kernels/paged_decode.py): scores16t
+ * for int8, int6 and fp8 keys, eight at a time widened once into 16-bit rows of a staging buffer
+ * (int16; fp8: bf16 in ld64_fp8's order, as the query) instead of once per group of four rows (4x for
+ * V2-Lite's 16 heads).
+ * A build of its own because, compiled in, it slows the other paths through the code generation of
+ * the shared item function alone (C harness: bf16 GQA decode 5-9%, bf16 MLA 8%). */
+static inline __attribute__((always_inline)) void scores16t_staged(const uint32_t *qt, int D, const uint8_t *const *kh,
+                                                                  int n, float *st, pf_cursor *pf, const int KF) {
+    static __thread uint16_t stage[8][MAX_DIM] __attribute__((aligned(64)));
+    const uint32_t *k = (const uint32_t *)stage[0];
+    const int kw = MAX_DIM / 2;                  /* 32-bit pairs per staged row */
+    for (int i0 = 0; i0 < n; i0 += 8) {
+        for (int j = 0; j < 8; j++) {
+            const uint8_t *row = i0 + j < n ? kh[i0 + j] : zero_row;
+#if FP8_LUT
+            if (lut8(KF))
+                for (int d = 0; d < D; d += 64) {
+                    __m512i z0, z1;
+                    ld64_fp8(row + d, KF, &z0, &z1);
+                    _mm512_store_si512(stage[j] + d, z0);
+                    _mm512_store_si512(stage[j] + d + 32, z1);
+                }
+            else
+#endif
+                for (int d = 0; d < D; d += 32) _mm512_store_si512(stage[j] + d, ld32(row + boff(KF, d), KF));
+        }
+        if (pf) pf_step(pf, 8, pf_four(KF));
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int p = 0; p < D / 2; p++) {
+            const __m512i qv = _mm512_load_si512(qt + 16 * (size_t)p);
+#define DPB(acc, j) acc = dp(acc, qv, _mm512_set1_epi32((int)k[(j) * kw + p]), KF)
+            DPB(a0, 0); DPB(a1, 1); DPB(a2, 2); DPB(a3, 3); DPB(a4, 4); DPB(a5, 5); DPB(a6, 6); DPB(a7, 7);
+#undef DPB
+        }
+        if (is_int(KF)) {                        /* int32 sums to fp32 (the row scales come with the softmax) */
+            a0 = _mm512_cvtepi32_ps((__m512i)a0); a1 = _mm512_cvtepi32_ps((__m512i)a1);
+            a2 = _mm512_cvtepi32_ps((__m512i)a2); a3 = _mm512_cvtepi32_ps((__m512i)a3);
+            a4 = _mm512_cvtepi32_ps((__m512i)a4); a5 = _mm512_cvtepi32_ps((__m512i)a5);
+            a6 = _mm512_cvtepi32_ps((__m512i)a6); a7 = _mm512_cvtepi32_ps((__m512i)a7);
+        }
+        float *o = st + 16 * (size_t)i0;
+        _mm512_store_ps(o, a0); _mm512_store_ps(o + 16, a1); _mm512_store_ps(o + 32, a2); _mm512_store_ps(o + 48, a3);
+        _mm512_store_ps(o + 64, a4); _mm512_store_ps(o + 80, a5); _mm512_store_ps(o + 96, a6); _mm512_store_ps(o + 112, a7);
+    }
+}
+
+static __attribute__((noinline)) void scores16t_quant(const uint32_t *qt, int D, const uint8_t *const *kh, int n,
+                                                      float *st, pf_cursor *pf, int fmt) {
+    switch (fmt) {
+#if INT6_OK
+    case FMT_INT6: scores16t_staged(qt, D, kh, n, st, pf, FMT_INT6); break;
+#endif
+#if FP8_LUT
+    case FMT_E4M3: scores16t_staged(qt, D, kh, n, st, pf, FMT_E4M3); break;
+    case FMT_E5M2: scores16t_staged(qt, D, kh, n, st, pf, FMT_E5M2); break;
+#endif
+    default: scores16t_staged(qt, D, kh, n, st, pf, FMT_INT8); break;
+    }
+}
+#define STAGED16(fmt) ((fmt) == FMT_INT8 || ((fmt) == FMT_INT6 && INT6_OK) || lut8(fmt))
+#else
+#define STAGED16(fmt) 0
+#endif
+
 /* fp16/fp32 rows: st[i][r] = q_r . k_i for four rows, fp32 FMAs over the whole head dim (q in L1) */
 static inline void scores4f(const float *q, int D, const uint8_t *const *kh, int n, const int KF, float *st,
                             pf_cursor *pf) {
@@ -747,7 +812,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
 #define WS_W(hh) ((uint32_t *)(WS_S(hh) + (size_t)R4 * FT))
     const int pos_first = S - ql;
     /* 16 or more bf16 rows (MLA's heads, wide GQA groups, multi-token decode): scores16t */
-    const int use_t = KF == FMT_BF16 && R4 % 16 == 0;
+    const int use_t = (KF == FMT_BF16 || STAGED16(KF)) && !WIDE && R4 % 16 == 0;  /* STAGED16: the MLA build */
     const int NG = is_grp(VF) ? Dv / 32 : 1, WR = (FT / 2) * NG;  /* weight sets per row (int4: per group) */
     const int vrow_dim = is_grp(VF) ? (int)(a->v_width * 16 / 9) : Dv;  /* int4 V rows: dim/2 + dim/16 bytes */
     uint16_t *tmp_q = use_t ? (uint16_t *)malloc(sizeof(uint16_t) * (size_t)R4 * D) : NULL;
@@ -872,6 +937,11 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             vh[n] = zero_row;
             /* scores: four rows at a time, up to 128 dims of their queries in registers */
             for (int g = 0; use_t && g < R4 / 16; g++) {
+#ifdef HAL_STAGED16
+                if (KF != FMT_BF16)
+                    scores16t_quant((const uint32_t *)qb + (size_t)g * (D / 2) * 16, D, kh, n, st16, g == 0 ? &cur : NULL, KF);
+                else
+#endif
                 scores16t((const uint32_t *)qb + (size_t)g * (D / 2) * 16, D, kh, n, st16, g == 0 ? &cur : NULL);
                 for (int i0 = 0; i0 < n; i0 += 16)  /* keys past n: garbage the softmax masks off */
                     transpose16(st16 + 16 * i0, s + (size_t)(16 * g) * FT + i0, FT);

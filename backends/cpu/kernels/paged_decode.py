@@ -20,6 +20,12 @@ _FMT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _KV_FMT = {"int8": 3, "fp8_e4m3": 4, "fp8_e5m2": 5, "int6": 6, "int4": 7}  # quantized rows the kernel decodes (hal/kv_formats.py)
 MAX_Q_LEN = 16  # longer query runs (prefill chunks) go to the tiled torch kernel
 MAX_ROWS, MAX_DIM = 256, 1024  # as in paged_decode.c
+# int8, int6 and fp8 MLA caches run a build of their own: HAL_STAGED16 gives their 16+ rows (heads) the
+# staged rows-in-lanes scoring. Compiled in, it slows the code of the other paths through code
+# generation alone (C harness: bf16 GQA 5-9%, bf16 MLA 8%), so they keep the plain build. Chosen by the
+# cache, never by the batch, so a sequence's arithmetic never depends on its neighbours.
+_MLA_BUILD = ("HAL_STAGED16",)
+_STAGED_KV = ("int8", "int6", "fp8_e4m3", "fp8_e5m2")
 
 
 class _Args(ctypes.Structure):
@@ -96,8 +102,13 @@ def applies(storage: object, q: torch.Tensor) -> bool:
     fmt = _row_format(spec, q)
     if fmt is None or q.dtype not in _FMT or spec.head_dim > MAX_DIM or spec.v_head_dim > MAX_DIM:
         return False
-    lib = load("paged_decode")
+    lib = _library(spec)
     return lib is not None and _supports(lib, _FMT[q.dtype], fmt, spec.head_dim, spec.v_head_dim)
+
+
+def _library(spec: object) -> ctypes.CDLL | None:
+    staged = spec.is_mla and spec.kv_dtype in _STAGED_KV  # type: ignore[attr-defined]
+    return load("paged_decode", _MLA_BUILD if staged else ())
 
 
 @functools.lru_cache(maxsize=256)
@@ -139,7 +150,7 @@ def _layout(storage: object) -> tuple[int, ...]:
 def paged_decode(q: torch.Tensor, storage: object, layer: int, plan: Plan, p: AttentionParams,
                  out: torch.Tensor, lse: torch.Tensor | None, active: list[bool]) -> None:
     """Write out [T, Hq, Dv] (and lse [T, Hq]) rows of the ``active`` sequences."""
-    lib = load("paged_decode")
+    lib = _library(storage.spec)  # type: ignore[attr-defined]
     k_base, k_layer, v_base, v_layer, hkv, dv, k_width, v_width, ks_base, ks_layer, vs_base, vs_layer = _layout(storage)
     hq, d = q.shape[1], q.shape[2]
     q = q.contiguous()
