@@ -20,7 +20,7 @@ import pytest
 from hal.bench import TINY, accounting as A
 from hal.bench.cases import QUICK, CaseSpec, case_list
 from hal.bench.machine import MachineInfo, last_level_cache
-from hal.bench.runner import ImplResult, _run_case, metrics, paired_ratio, run
+from hal.bench.runner import BenchReport, ImplResult, _run_case, metrics, paired_ratio, run
 
 
 def _hal(*args: str) -> subprocess.CompletedProcess[str]:
@@ -216,7 +216,8 @@ def test_run_in_process_reports_every_case_and_baseline() -> None:
     assert "done in" in stream.getvalue()  # the progress bar, one line per case off a terminal
     text = format_report(rep)
     assert "machine: copy" in text and "hal speedup" in text and "bf16 B2 S64" in text
-    json.dumps(rep.to_dict(), default=str)
+    back = BenchReport.from_dict(json.loads(json.dumps(rep.to_dict(), default=str)))  # as --json wrote it
+    assert format_report(back) == text and back.to_dict() == rep.to_dict()
 
 
 def test_bench_command_quick_writes_json_and_png(tmp_path: Path) -> None:

@@ -110,6 +110,19 @@ class BenchReport:
         d["sizes"] = self.sizes.to_dict()
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchReport:
+        """The report that ``to_dict`` (``hal bench --json``) wrote, e.g. to plot it again."""
+        sizes = Sizes(**{k: tuple(map(tuple, v)) if k in ("decode", "mla") else tuple(v) if isinstance(v, list) else v
+                         for k, v in d["sizes"].items()})
+        backends = []
+        for b in d["backends"]:
+            cases = [CaseResult(**{**c, "impls": [ImplResult(**i) for i in c["impls"]]}) for c in b["cases"]]
+            machine = MachineInfo(**b["machine"]) if b.get("machine") else None
+            backends.append(BackendBench(**{**b, "cases": cases, "machine": machine}))
+        return cls(hal_version=d["hal_version"], date=d["date"], sizes=sizes, timing=d["timing"],
+                   backends=backends, seconds=d.get("seconds", 0.0))
+
 
 class Progress:
     """A progress bar on stderr: one line redrawn on a terminal, a line per case otherwise."""
