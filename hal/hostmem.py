@@ -53,14 +53,19 @@ def status() -> str:
     return mode if _madvise() is not None else f"{mode} (madvise not callable)"
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[start, end) addresses of the memory behind ``t`` (its whole storage, whatever view t is)."""
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
 def advise(t: torch.Tensor) -> bool:
-    """Ask for 2 MiB pages over the whole 2 MiB pages inside ``t``'s memory (a CPU tensor, before its
+    """Ask for 2 MiB pages over the whole 2 MiB pages inside ``t``'s storage (a CPU tensor, before its
     first touch: pages already faulted in stay as they are). Returns whether the kernel accepted."""
     fn = _madvise()
     if fn is None or t.device.type != "cpu":
         return False
-    start = t.data_ptr()
-    end = start + t.untyped_storage().nbytes()
+    start, end = _span(t)
     lo, hi = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
     return hi > lo and fn(lo, hi - lo, _MADV_HUGEPAGE) == 0
 
@@ -76,8 +81,7 @@ def zeros(*shape: int, dtype: torch.dtype, device: torch.device | str = "cpu") -
 def huge_bytes(t: torch.Tensor) -> int | None:
     """Bytes on huge pages of the mappings that overlap ``t``'s memory (a CPU tensor; madvise splits
     a mapping where its advice changes), from /proc/self/smaps; None where that is not readable."""
-    start = t.data_ptr()
-    end = start + t.untyped_storage().nbytes()
+    start, end = _span(t)
     total, inside = 0, False
     try:
         with open("/proc/self/smaps") as f:

@@ -55,14 +55,14 @@ class CpuBackend(Backend):
 
     def capabilities(self) -> Capabilities:
         if self._capabilities is None:  # first call: build (or load) the native kernels, say which run
+            from hal import hostmem
             from hal.backends.cpu import kernels
+            from hal.backends.cpu.kernels.paged_decode import MLA_BUILD
 
             status = {name: kernels.status(name) for name in ("paged_decode", "flash_prefill")}
-            status["paged_decode (quantized MLA build)"] = kernels.status("paged_decode", ("HAL_STAGED16",))
+            status["paged_decode (quantized MLA build)"] = kernels.status("paged_decode", MLA_BUILD)
             if status["flash_prefill"] == "native" and not kernels.load("flash_prefill").hal_flash_prefill_available():
                 status["flash_prefill"] = "built without AVX-512 BF16: bf16 prefill runs in torch"
-            from hal import hostmem
-
             note = "native kernels: " + "; ".join(f"{k} {v}" for k, v in status.items())
             pages = f"KV cache memory: 2 MiB pages asked for (transparent huge pages: {hostmem.status()})"
             self._capabilities = dataclasses.replace(_CAPABILITIES, notes=(note, pages))

@@ -1,7 +1,8 @@
 """What the machine can do, measured in the same process as the cases: the roofline's two lines.
 
 - copy bandwidth: best of N ``dst.copy_(src)`` over buffers well above the last-level cache (on
-  2 MiB pages where the OS allows, as hal's cpu caches are: ``hal.hostmem``), counting the bytes copied (STREAM counts read + write, twice this; see ``hal.bench.accounting``);
+  2 MiB pages where the OS allows, as hal's cpu caches are: ``hal.hostmem``), counting the bytes
+  copied (STREAM counts read + write, twice this; see ``hal.bench.accounting``);
 - read bandwidth: best of N reductions over the same buffer, counting the bytes read (decode
   attention mostly reads); the best of two reductions, so that a reduction that is compute-bound
   on some CPU does not pass for the memory's limit;

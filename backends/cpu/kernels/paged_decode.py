@@ -24,7 +24,7 @@ MAX_ROWS, MAX_DIM = 256, 1024  # as in paged_decode.c
 # staged rows-in-lanes scoring. Compiled in, it slows the code of the other paths through code
 # generation alone (C harness: bf16 GQA 5-9%, bf16 MLA 8%), so they keep the plain build. Chosen by the
 # cache, never by the batch, so a sequence's arithmetic never depends on its neighbours.
-_MLA_BUILD = ("HAL_STAGED16",)
+MLA_BUILD = ("HAL_STAGED16",)  # the macros of that build (kernels.load)
 _STAGED_KV = ("int8", "int6", "fp8_e4m3", "fp8_e5m2")
 
 
@@ -108,7 +108,7 @@ def applies(storage: object, q: torch.Tensor) -> bool:
 
 def _library(spec: object) -> ctypes.CDLL | None:
     staged = spec.is_mla and spec.kv_dtype in _STAGED_KV  # type: ignore[attr-defined]
-    return load("paged_decode", _MLA_BUILD if staged else ())
+    return load("paged_decode", MLA_BUILD if staged else ())
 
 
 @functools.lru_cache(maxsize=256)
