@@ -239,10 +239,22 @@ static void decode_item(const decode_args *a, int b, int h, float *ws) {
  * that unpermute() undoes once at the end. Scales: the softmax scale, int8 rows' scales and fp8 heads'
  * scales multiply the fp32 scores and weights, never the stored values, so every stored value enters
  * the products exactly. Prefetch: see pf_cursor. */
-/* FT: the longest tile (SPLIT is a multiple); a format's tile holds about 16 KiB of one head's K and V
- * rows, so it stays in L1 between the scores and P.V: 32 tokens of bf16 rows, 64 of 8-bit rows */
+/* FT: the longest tile (SPLIT is a multiple). A tile holds 8-16 KiB of one head's K and V rows, so they
+ * stay in L1 between the scores and P.V: 32 tokens of bf16 rows; 8-bit rows 32 tokens in the shared
+ * build (GQA: a head's 130-byte rows straddle three lines, 64 tokens of K and V would fill 24 KiB of
+ * L1; C harness, B8x4096 and B1x32K, 8 alternated rounds: int8 3-4% and fp8 4-8% faster than 64) and
+ * 64 in the MLA build (one 578-byte row per token: 64 measured 2-5% faster than 32); int6 and int4
+ * rows 64 (5% faster than 32). The length is a compile-time constant per format: computed at run
+ * time from the rows' bytes it cost 10-18% in code generation. */
 enum { FT = 64, NUMAX = FT / 16 };
-static inline int tile_len(int fmt) { return fmt == FMT_F32 ? 16 : fmt == FMT_BF16 || fmt == FMT_F16 ? 32 : 64; }
+#ifdef HAL_STAGED16
+enum { FT8 = 64 };
+#else
+enum { FT8 = 32 };
+#endif
+static inline int tile_len(int fmt) {
+    return fmt == FMT_F32 ? 16 : fmt == FMT_BF16 || fmt == FMT_F16 ? 32 : fmt == FMT_INT6 || fmt == FMT_INT4 ? 64 : FT8;
+}
 static inline int is_wide(int fmt) { return fmt == FMT_F16 || fmt == FMT_F32; }  /* fp16/fp32 models: fp32 FMAs */
 
 static const uint8_t zero_row[2 * MAX_DIM] __attribute__((aligned(64)));  /* pads a tile's odd token */
