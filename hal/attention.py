@@ -110,6 +110,35 @@ def attention(q: Any, k: Any, v: Any, *, cu_seqlens_q: Any = None, cu_seqlens_k:
     return from_torch(out, like)
 
 
+# Per-call cost. The checks of q's heads, the scalar options, devices and the backend's capabilities
+# depend on nothing but the cache, q's shape, dtype and device, and the options: a call that matches
+# one the cache has already passed skips them (the per-layer calls of a decode step all match). Keys
+# hold each option's type beside its value (True == 1 == 1.0 as dict keys) and only plain Python
+# scalars; calls with alibi_slopes or sinks tensors always run every check.
+_PLAIN = (type(None), bool, int, float)
+_META = (torch.Size, torch.dtype, torch.device)
+_MAX_CHECKED = 64  # remembered call kinds per cache; more forget them all and start again
+
+
+def _call_key(q: torch.Tensor, alibi_slopes: Any, sinks: Any, *options: Any) -> tuple[Any, ...] | None:
+    """The key of a call: q's shape, dtype and device, and ``options`` (plain scalars, or the shape,
+    dtype and device of a second query tensor), or None when the call must not be remembered."""
+    if alibi_slopes is not None or sinks is not None:
+        return None
+    types = tuple(map(type, options))
+    if not all(t in _PLAIN or t in _META for t in types):
+        return None
+    return q.shape, q.dtype, q.device, options, types
+
+
+def _remember(memo: dict[Any, Any], key: tuple[Any, ...] | None, value: Any) -> None:
+    if key is None:
+        return
+    if len(memo) >= _MAX_CHECKED:
+        memo.clear()
+    memo[key] = value
+
+
 def _check_plan(op: str, plan: Any, cache: KVCache) -> Plan:
     if not isinstance(plan, Plan):
         raise InvalidInput(f"[{op}] plan must come from hal.plan(...), got {type(plan).__name__}")
@@ -148,17 +177,21 @@ def paged_attention(q: Any, cache: KVCache, layer: int, plan: Plan, *, causal: b
     if q.dtype != spec.torch_dtype:
         raise InvalidInput(f"[{op}] q is {str(q.dtype).replace('torch.', '')} but the cache's model dtype is "
                            f"{spec.dtype}")
-    _heads(op, q, "q", spec.num_kv_heads, "the cache")
-    params, features = _params(op, q.shape[1], q.shape[2], causal=causal, scale=scale,
-                               window_left=window_left, softcap=softcap, alibi_slopes=alibi_slopes,
-                               sinks=sinks, return_lse=return_lse)
-    V.check_devices(op, cache.backend, {"q": q, "alibi_slopes": params.alibi_slopes, "sinks": params.sinks})
-    if q.device != cache.device:
-        raise InvalidInput(f"[{op}] q is on {q.device} but the cache is on {cache.device}")
-    if q.shape[1] != spec.num_kv_heads:
-        features.append("gqa")
-    _require(op, cache.backend, dtype=spec.dtype, kv_dtype=spec.kv_dtype, head_dim=spec.head_dim,
-             v_head_dim=spec.v_head_dim, block_size=spec.block_size, features=["paged", *features])
+    key = _call_key(q, alibi_slopes, sinks, causal, scale, window_left, softcap, return_lse)
+    params = cache._checked.get(key) if key is not None else None
+    if params is None:
+        _heads(op, q, "q", spec.num_kv_heads, "the cache")
+        params, features = _params(op, q.shape[1], q.shape[2], causal=causal, scale=scale,
+                                   window_left=window_left, softcap=softcap, alibi_slopes=alibi_slopes,
+                                   sinks=sinks, return_lse=return_lse)
+        V.check_devices(op, cache.backend, {"q": q, "alibi_slopes": params.alibi_slopes, "sinks": params.sinks})
+        if q.device != cache.device:
+            raise InvalidInput(f"[{op}] q is on {q.device} but the cache is on {cache.device}")
+        if q.shape[1] != spec.num_kv_heads:
+            features.append("gqa")
+        _require(op, cache.backend, dtype=spec.dtype, kv_dtype=spec.kv_dtype, head_dim=spec.head_dim,
+                 v_head_dim=spec.v_head_dim, block_size=spec.block_size, features=["paged", *features])
+        _remember(cache._checked, key, params)
     out, lse = cache.backend.paged_attention(q, cache.storage, layer, p, params, return_lse)
     if return_lse:
         return from_torch(out, like), from_torch(lse, like)
@@ -187,24 +220,28 @@ def mla_attention(q_latent: Any, q_rope: Any, cache: KVCache, layer: int, plan: 
     if ql.shape[0] != p.num_tokens or qr.shape[0] != p.num_tokens:
         raise InvalidInput(f"[{op}] q_latent has {ql.shape[0]} and q_rope {qr.shape[0]} tokens but the plan has "
                            f"{p.num_tokens}")
-    if ql.shape[1] != qr.shape[1] or ql.shape[1] == 0:
-        raise InvalidInput(f"[{op}] q_latent has {ql.shape[1]} heads and q_rope {qr.shape[1]}: they must agree")
-    if ql.shape[2] != spec.kv_lora_rank or qr.shape[2] != spec.rope_dim:
-        raise InvalidInput(f"[{op}] q_latent must be [T, H, {spec.kv_lora_rank}] and q_rope [T, H, {spec.rope_dim}],"
-                           f" got {list(ql.shape)} and {list(qr.shape)}")
-    for name, t in (("q_latent", ql), ("q_rope", qr)):
-        if t.dtype != spec.torch_dtype:
-            raise InvalidInput(f"[{op}] {name} is {str(t.dtype).replace('torch.', '')} but the cache's model "
-                               f"dtype is {spec.dtype}")
-    if not isinstance(causal, bool) or not isinstance(return_lse, bool):
-        raise InvalidInput(f"[{op}] causal and return_lse must be True or False")
-    scale_ = V.check_scalar(op, "scale", scale, allow_none=False)
-    V.check_devices(op, cache.backend, {"q_latent": ql, "q_rope": qr})
-    if ql.device != cache.device:
-        raise InvalidInput(f"[{op}] q_latent is on {ql.device} but the cache is on {cache.device}")
-    features = ["mla", "causal" if causal else "non_causal"] + (["lse"] if return_lse else [])
-    _require(op, cache.backend, dtype=spec.dtype, kv_dtype=spec.kv_dtype, block_size=spec.block_size,
-             features=features)
+    key = _call_key(ql, None, None, qr.shape, qr.dtype, qr.device, causal, scale, return_lse)
+    scale_ = cache._checked.get(key) if key is not None else None
+    if scale_ is None:
+        if ql.shape[1] != qr.shape[1] or ql.shape[1] == 0:
+            raise InvalidInput(f"[{op}] q_latent has {ql.shape[1]} heads and q_rope {qr.shape[1]}: they must agree")
+        if ql.shape[2] != spec.kv_lora_rank or qr.shape[2] != spec.rope_dim:
+            raise InvalidInput(f"[{op}] q_latent must be [T, H, {spec.kv_lora_rank}] and q_rope "
+                               f"[T, H, {spec.rope_dim}], got {list(ql.shape)} and {list(qr.shape)}")
+        for name, t in (("q_latent", ql), ("q_rope", qr)):
+            if t.dtype != spec.torch_dtype:
+                raise InvalidInput(f"[{op}] {name} is {str(t.dtype).replace('torch.', '')} but the cache's model "
+                                   f"dtype is {spec.dtype}")
+        if not isinstance(causal, bool) or not isinstance(return_lse, bool):
+            raise InvalidInput(f"[{op}] causal and return_lse must be True or False")
+        scale_ = V.check_scalar(op, "scale", scale, allow_none=False)
+        V.check_devices(op, cache.backend, {"q_latent": ql, "q_rope": qr})
+        if ql.device != cache.device:
+            raise InvalidInput(f"[{op}] q_latent is on {ql.device} but the cache is on {cache.device}")
+        features = ["mla", "causal" if causal else "non_causal"] + (["lse"] if return_lse else [])
+        _require(op, cache.backend, dtype=spec.dtype, kv_dtype=spec.kv_dtype, block_size=spec.block_size,
+                 features=features)
+        _remember(cache._checked, key, scale_)
     out, lse = cache.backend.mla_attention(ql, qr, cache.storage, layer, p, scale_, causal, return_lse)
     if return_lse:
         return from_torch(out, like), from_torch(lse, like)

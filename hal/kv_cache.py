@@ -149,6 +149,7 @@ class KVCache:
         self.memory = memory
         self.num_blocks = num_blocks
         self._storage = be.kv_create(spec, num_blocks, memory, dev, *scales)
+        self._checked: dict[Any, Any] = {}  # call kinds that passed hal.attention's checks (hal/attention.py)
 
     # ---- properties ------------------------------------------------------------------------
     @property

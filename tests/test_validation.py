@@ -501,3 +501,48 @@ def _markdown(table: list[tuple[str, str, str]]) -> str:
 
 if __name__ == "__main__":
     sys.stdout.write(_markdown(bad_input_table()) + "\n")
+
+
+def test_remembered_call_kinds_are_still_checked() -> None:
+    """hal.paged_attention and hal.mla_attention remember the call kinds a cache has passed (q's shape,
+    dtype and device, and plain scalar options) and skip those checks for a call that matches one: the
+    per-layer calls of a decode step (hal/attention.py). Warm that memory with valid calls, then every
+    call that differs in something checked must still raise, a failed call must not be remembered, and a
+    remembered call must still return what it returned the first time."""
+    s = make_state()
+    first = _paged(s)
+    _paged(s, layer=1)  # the same kind: one entry
+    hal.paged_attention(s.q, s.cache, 0, s.plan, scale=1, window_left=3)  # an int scale is valid
+    assert len(s.cache._checked) == 2
+    bad = [
+        (dict(scale=True), r"scale must be a finite float, got bool True"),  # True == 1 as a dict key
+        (dict(scale=1, window_left=True), r"window_left must be an int, got bool True"),
+        (dict(scale=1.0, window_left=-3), r"window_left must be >= 0, got -3"),
+        (dict(scale=float("nan")), r"scale must be a finite float, got nan"),
+        (dict(causal=1), r"causal must be True or False, got 1"),
+        (dict(softcap=-1.0), r"softcap must be a finite float > 0, got -1\.0"),
+        (dict(alibi_slopes=torch.zeros(3)), r"alibi_slopes must be fp32 \[Hq\] = \[4\]"),
+        (dict(q=s.q.half()), r"q is float16 but the cache's model dtype is fp32"),
+        (dict(q=s.q[:, :3]), r"q has 3 heads and the cache has 2"),
+        (dict(layer=2), r"layer must be <= 1, got 2"),
+    ]
+    for kw, pattern in bad:
+        args = {"q": s.q, "layer": 0, **kw}
+        with pytest.raises(hal.InvalidInput, match=pattern):
+            hal.paged_attention(args.pop("q"), s.cache, args.pop("layer"), s.plan, **args)
+    assert len(s.cache._checked) == 2, "a failed call was remembered"
+    assert torch.equal(_paged(s), first)
+
+    mla = hal.KVCache(hal.MLACacheSpec(L, kv_lora_rank=64, rope_dim=32, block_size=BS, dtype="fp32"), NB,
+                      backend="cpu")
+    plan = _plan(s, cache=mla)
+    ql, qr = torch.randn(3, HQ, 64), torch.randn(3, HQ, 32)
+    hal.mla_attention(ql, qr, mla, 0, plan, scale=1)
+    for kw, pattern in [(dict(scale=True), r"scale must be a finite float, got bool True"),
+                        (dict(q_rope=qr[:, :, :16]), r"q_rope \[T, H, 32\]"),
+                        (dict(q_rope=qr.double()), r"q_rope is float64"),
+                        (dict(causal=1), r"causal and return_lse must be True or False")]:
+        args = {"q_rope": qr, "scale": 1, **kw}
+        with pytest.raises(hal.InvalidInput, match=pattern):
+            hal.mla_attention(ql, args.pop("q_rope"), mla, 0, plan, **args)
+    assert len(mla._checked) == 1

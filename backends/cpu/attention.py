@@ -12,7 +12,7 @@ returns the LSE as well: see ``_flash_applies``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -173,7 +173,7 @@ def paged_attention(q: torch.Tensor, cache: CpuKVStorage, layer: int, plan: Plan
     chunk = max(bs, (KV_CHUNK // bs) * bs)
     out = torch.empty(q.shape[0], q.shape[1], cache.spec.v_head_dim, dtype=q.dtype)
     lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32) if return_lse else None
-    native = [False] * plan.num_seqs
+    native: Sequence[bool] = [False] * plan.num_seqs
     if native_decode.applies(cache, q):
         native = native_decode.eligible(plan, q.shape[1] // cache.num_heads)
         if any(native):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -57,7 +57,7 @@ def _plan_cache(plan: Plan) -> dict[object, Any]:
     return got
 
 
-def _arrays(plan: Plan, active: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _arrays(plan: Plan, active: Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     got = _plan_cache(plan)
     if "seq_lens" not in got:
         got["seq_lens"] = torch.tensor(plan.seq_lens_host, dtype=torch.int32)
@@ -116,14 +116,15 @@ def _supports(lib: ctypes.CDLL, qfmt: int, fmt: int, d: int, dv: int) -> bool:
     return bool(lib.hal_decode_supports(qfmt, fmt, fmt, d, dv))
 
 
-def eligible(plan: Plan, group: int) -> list[bool]:
+def eligible(plan: Plan, group: int) -> tuple[bool, ...]:
     """Per sequence: whether the kernel computes it (short query runs). Decided per sequence, never
-    per batch, so a sequence takes the same path whatever else is in the batch (batch invariance)."""
+    per batch, so a sequence takes the same path whatever else is in the batch (batch invariance).
+    The plan's own tuple, computed once per plan (every layer asks)."""
     got = _plan_cache(plan)
     key = ("eligible", group)
     if key not in got:
-        got[key] = [0 < q <= MAX_Q_LEN and q * group <= MAX_ROWS for q in plan.q_lens()]
-    return list(got[key])
+        got[key] = tuple(0 < q <= MAX_Q_LEN and q * group <= MAX_ROWS for q in plan.q_lens())
+    return got[key]
 
 
 # per cache storage (its row tensors never move): what the kernel needs of it, addresses per layer
@@ -148,7 +149,7 @@ def _layout(storage: object) -> tuple[int, ...]:
 
 
 def paged_decode(q: torch.Tensor, storage: object, layer: int, plan: Plan, p: AttentionParams,
-                 out: torch.Tensor, lse: torch.Tensor | None, active: list[bool]) -> None:
+                 out: torch.Tensor, lse: torch.Tensor | None, active: Sequence[bool]) -> None:
     """Write out [T, Hq, Dv] (and lse [T, Hq]) rows of the ``active`` sequences."""
     lib = _library(storage.spec)  # type: ignore[attr-defined]
     k_base, k_layer, v_base, v_layer, hkv, dv, k_width, v_width, ks_base, ks_layer, vs_base, vs_layer = _layout(storage)
