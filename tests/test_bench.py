@@ -316,3 +316,25 @@ def test_decode_harness_builds_and_times_the_kernel(tmp_path: Path) -> None:
                         res.stdout), res.stdout
     bad = subprocess.run([str(exe), "gqa", "1", "64", "1", "1", "bf17", "1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "FORMAT must be" in bad.stderr
+
+
+def test_prefetch_probe_builds_and_streams(tmp_path: Path) -> None:
+    # tools/prefetch_probe.c: the streaming loops behind the README's "Headroom in the memory path"
+    import shutil
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / "pp"
+    build = subprocess.run([cc, "-O2", "-march=native", "-std=c11", "-Wall", "-Werror", str(root / "tools/prefetch_probe.c"),
+                            "-o", str(exe)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    for args in (["chunks", "65536", "4", "1", "1"], ["chunks", "16384", "-1", "0", "2"], ["tiles", "1"]):
+        res = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert re.fullmatch(rf"{args[0]}: [0-9]+\.[0-9] GB/s \([01]\)\n", res.stdout), res.stdout
+        assert float(res.stdout.split()[1]) > 0.1
+    for bad in (["chunks", "100", "4", "1", "1"], ["tiles"]):
+        res = subprocess.run([str(exe), *bad], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and ("CHUNK" in res.stderr or "usage" in res.stderr), res.stderr

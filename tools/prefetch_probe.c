@@ -6,7 +6,7 @@
  *   taskset -c 0 /tmp/pp ... & taskset -c 1 /tmp/pp ... & wait   # one process per core
  *
  * chunks: every 64-byte line is loaded once and fed through WORK dependent VPDPWSSD (the compute per
- * line); the chunk AHEAD chunks further on is prefetched into L2 (T1), BURST lines at a time every BURST
+ * line; plain vector multiply-adds on CPUs without AVX512-VNNI); the chunk AHEAD chunks further on is prefetched into L2 (T1: __builtin_prefetch locality 2), BURST lines at a time every BURST
  * lines (BURST 0: no prefetch, demand loads and the hardware prefetchers only; BURST -1: the whole
  * chunk at once at its start).
  * tiles: the decode kernel's memory pattern for bf16 Llama-3-8B rows: K and V in two 512 MiB buffers
@@ -51,14 +51,30 @@ static uint32_t *shuffled(size_t n) {
     return o;
 }
 
-static inline __m512i work(__m512i x, int w) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+typedef __m512i line_t;
+static inline line_t load_line(const char *p) { return _mm512_load_si512(p); }
+static inline line_t work(line_t x, int w) {  /* the kernel's product instruction */
     for (int i = 0; i < w; i++) x = _mm512_dpwssd_epi32(x, x, x);
     return x;
 }
+static inline line_t add(line_t a, line_t b) { return _mm512_add_epi32(a, b); }
+static inline int low_bit(line_t a) { return _mm512_reduce_add_epi32(a) & 1; }
+#else  /* other CPUs: the same loops with plain vector arithmetic as the work */
+#pragma GCC diagnostic ignored "-Wpsabi"  /* static inline helpers only: no ABI crosses a boundary */
+typedef int32_t line_t __attribute__((vector_size(32)));  /* both halves of the line, combined */
+static inline line_t load_line(const char *p) { line_t x, y; memcpy(&x, p, 32); memcpy(&y, p + 32, 32); return x ^ y; }
+static inline line_t work(line_t x, int w) {
+    for (int i = 0; i < w; i++) x = x * x + x;
+    return x;
+}
+static inline line_t add(line_t a, line_t b) { return a + b; }
+static inline int low_bit(line_t a) { int32_t s = 0; for (int i = 0; i < 8; i++) s += a[i]; return s & 1; }
+#endif
 
 enum { N = 1 << 29 };
 
-static double chunks(size_t ch, int burst, int w, int ahead, __m512i *acc) {
+static double chunks(size_t ch, int burst, int w, int ahead, line_t *acc) {
     char *buf = buffer(N);
     const size_t nc = N / ch;
     uint32_t *ord = shuffled(nc);
@@ -68,11 +84,11 @@ static double chunks(size_t ch, int burst, int w, int ahead, __m512i *acc) {
         for (size_t c = 0; c < nc; c++) {
             const char *p = buf + (size_t)ord[c] * ch, *pf = buf + (size_t)ord[(c + ahead) % nc] * ch;
             if (burst < 0)
-                for (size_t o = 0; o < ch; o += 64) _mm_prefetch(pf + o, _MM_HINT_T1);
+                for (size_t o = 0; o < ch; o += 64) __builtin_prefetch(pf + o, 0, 2);
             for (size_t o = 0; o < ch; o += 64) {
                 if (burst > 0 && (o / 64) % (size_t)burst == 0)
-                    for (int z = 0; z < burst; z++) _mm_prefetch(pf + o + 64 * (size_t)z, _MM_HINT_T1);
-                *acc = _mm512_add_epi32(*acc, work(_mm512_load_si512(p + o), w));
+                    for (int z = 0; z < burst; z++) __builtin_prefetch(pf + o + 64 * (size_t)z, 0, 2);
+                *acc = add(*acc, work(load_line(p + o), w));
             }
         }
         const double t = now_s() - t0;
@@ -83,7 +99,7 @@ static double chunks(size_t ch, int burst, int w, int ahead, __m512i *acc) {
 
 enum { ROW = 256, H = 8, BS = 16, TT = 32, NBT = TT / BS, LINES = ROW / 64 };
 
-static double tiles(int w, __m512i *acc) {
+static double tiles(int w, line_t *acc) {
     const size_t blk = (size_t)BS * H * ROW, nb = N / blk, ntiles = nb / NBT;
     char *k = buffer(N), *v = buffer(N);
     uint32_t *perm = shuffled(nb);
@@ -105,10 +121,10 @@ static double tiles(int w, __m512i *acc) {
                 for (int c = 0; c < 2; c++)
                     for (int i = 0; i < TT; i++) {
                         for (int z = 0; z < per_step && pl < total; z++, pl++)
-                            _mm_prefetch(next[pl / (int)(blk / 64)] + 64 * (size_t)(pl % (int)(blk / 64)), _MM_HINT_T1);
+                            __builtin_prefetch(next[pl / (int)(blk / 64)] + 64 * (size_t)(pl % (int)(blk / 64)), 0, 2);
                         const char *row = (c ? vb : kb)[i / BS] + (size_t)(i % BS) * H * ROW + (size_t)h * ROW;
                         for (int l = 0; l < LINES; l++)
-                            *acc = _mm512_add_epi32(*acc, work(_mm512_load_si512(row + 64 * l), w));
+                            *acc = add(*acc, work(load_line(row + 64 * l), w));
                     }
         }
         const double t = now_s() - t0;
@@ -118,7 +134,8 @@ static double tiles(int w, __m512i *acc) {
 }
 
 int main(int argc, char **argv) {
-    __m512i acc = _mm512_setzero_si512();
+    line_t acc;
+    memset(&acc, 0, sizeof(acc));
     double bps;
     if (argc == 6 && !strcmp(argv[1], "chunks")) {
         const long ch = atol(argv[2]);
@@ -130,6 +147,6 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s chunks CHUNK BURST WORK AHEAD | tiles WORK\n", argv[0]);
         return 2;
     }
-    printf("%s: %.1f GB/s (%d)\n", argv[1], bps / 1e9, _mm512_reduce_add_epi32(acc) & 1);
+    printf("%s: %.1f GB/s (%d)\n", argv[1], bps / 1e9, low_bit(acc));
     return 0;
 }
