@@ -296,19 +296,25 @@ def test_measure_cuts_layers_of_a_slow_implementation_only() -> None:
     assert [len(v) for v in samples.values()] == [2, 2]
 
 
-def test_decode_harness_builds_and_times_the_kernel(tmp_path: Path) -> None:
-    # tools/decode_harness.c: the kernel alone, from C (the README's "why" measurements)
+def _build_tool(tmp_path: Path, source: str, *flags: str) -> Path:
+    """Compiles tools/<source> with the machine's C compiler (skips without one); returns the program."""
     import shutil
 
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         pytest.skip("no C compiler")
     root = Path(__file__).resolve().parents[1]
-    exe = tmp_path / "dh"
-    build = subprocess.run([cc, "-O2", "-march=native", "-fopenmp", "-std=c11", "-I", str(root / "backends/cpu/kernels"),
-                            str(root / "tools/decode_harness.c"), "-o", str(exe), "-lm"],
+    exe = tmp_path / Path(source).stem
+    build = subprocess.run([cc, "-O2", "-march=native", "-std=c11", *(f.replace("{root}", str(root)) for f in flags),
+                            str(root / "tools" / source), "-o", str(exe), "-lm"],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
+    return exe
+
+
+def test_decode_harness_builds_and_times_the_kernel(tmp_path: Path) -> None:
+    # tools/decode_harness.c: the kernel alone, from C (the README's "why" measurements)
+    exe = _build_tool(tmp_path, "decode_harness.c", "-fopenmp", "-I", "{root}/backends/cpu/kernels")
     for args in (["gqa", "2", "64", "1", "1", "bf16", "1"], ["mla", "1", "128", "1", "1", "bf16", "1"]):
         res = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
@@ -320,16 +326,7 @@ def test_decode_harness_builds_and_times_the_kernel(tmp_path: Path) -> None:
 
 def test_prefetch_probe_builds_and_streams(tmp_path: Path) -> None:
     # tools/prefetch_probe.c: the streaming loops behind the README's "Headroom in the memory path"
-    import shutil
-
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    root = Path(__file__).resolve().parents[1]
-    exe = tmp_path / "pp"
-    build = subprocess.run([cc, "-O2", "-march=native", "-std=c11", "-Wall", "-Werror", str(root / "tools/prefetch_probe.c"),
-                            "-o", str(exe)], capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr
+    exe = _build_tool(tmp_path, "prefetch_probe.c", "-Wall", "-Werror")
     for args in (["chunks", "65536", "4", "1", "1"], ["chunks", "16384", "-1", "0", "2"], ["tiles", "1"]):
         res = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
