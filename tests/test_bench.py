@@ -335,3 +335,11 @@ def test_prefetch_probe_builds_and_streams(tmp_path: Path) -> None:
     for bad in (["chunks", "100", "4", "1", "1"], ["tiles"]):
         res = subprocess.run([str(exe), *bad], capture_output=True, text=True, timeout=60)
         assert res.returncode == 2 and ("CHUNK" in res.stderr or "usage" in res.stderr), res.stderr
+
+
+def test_plot_labels_of_coinciding_cases_do_not_overlap() -> None:
+    # bf16 B8 x 4096 and B1 x 1024 decode land on one point of the roofline: their labels step apart
+    from hal.bench.plot import _LABEL_STEP, _label_offsets
+
+    offsets = _label_offsets([(4.0, 97.0), (4.0, 96.0), (8.0, 150.0), (4.0, 98.5), (4.0, 30.0)])
+    assert offsets == [4, 4 - _LABEL_STEP, 4, 4 - 2 * _LABEL_STEP, 4]
