@@ -114,7 +114,8 @@ def attention(q: Any, k: Any, v: Any, *, cu_seqlens_q: Any = None, cu_seqlens_k:
 # depend on nothing but the cache, q's shape, dtype and device, and the options: a call that matches
 # one the cache has already passed skips them (the per-layer calls of a decode step all match). Keys
 # hold each option's type beside its value (True == 1 == 1.0 as dict keys) and only plain Python
-# scalars; calls with alibi_slopes or sinks tensors always run every check.
+# scalars (mla_attention also keys q_rope's shape, dtype and device); calls with alibi_slopes or sinks
+# tensors always run every check.
 _PLAIN = (type(None), bool, int, float)
 _META = (torch.Size, torch.dtype, torch.device)
 _MAX_CHECKED = 64  # remembered call kinds per cache; more forget them all and start again

@@ -9,6 +9,7 @@ baselines with different markers, the kinds in different colours. matplotlib is 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,6 @@ def _label_offsets(points: list[tuple[float, float]]) -> list[int]:
     """Vertical offsets (points) for labels at these (x, y), both log-scaled: a label near one already
     placed (within 0.3 decades in x and 0.08 in y: same intensity, similar rate, as bf16 B8 and B1 decode)
     goes one step lower per such neighbour, so coinciding cases stay readable."""
-    import math
-
     placed: list[tuple[float, float]] = []
     out = []
     for x, y in points:

@@ -526,7 +526,8 @@ static inline void pf_fill(pf_cursor *c, const decode_args *a, int b, int h0, in
 
 /* Within a tile, bf16 keys come from L2, a head's rows 2 KiB apart (GQA): the scores pull each key's
  * lines into L1 L1_AHEAD keys early. C harness, bf16 B8x4096, 6 alternated rounds: 5.20 -> 4.81 ms per
- * layer (distance 2: 5.10, 4: 4.97, 16: 4.96); in cache 2% slower. 8-bit rows do without: compute-bound,
+ * layer (distance 16 in the same rounds: 4.96; 2 and 4, with P.V's rows prefetched too, in another
+ * run: 5.10 and 4.98 against 5.40 without); in cache 2% slower. 8-bit rows do without: compute-bound,
  * int8 took 7% longer with it, fp8 no change. The same for P.V's value rows gained nothing more and cost
  * 5% in cache. */
 enum { L1_AHEAD = 8 };
