@@ -1030,8 +1030,19 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     for (int j0 = lo; j0 < hi; j0 += ft) {
         const int n = hi - j0 < ft ? hi - j0 : ft, npairs = (n + 1) / 2;
         if (a->rows_read) __atomic_fetch_add(a->rows_read, (int64_t)n * NH, __ATOMIC_RELAXED);
+        /* masks only where they cut this tile: decode's keys all precede its first query */
+        const int causal_cut = a->causal && j0 + n - 1 > pos_first;
+        const int window_cut = a->window >= 0 && j0 < pos_first + ql - 1 - a->window;
+        /* Keys take the tile's two halves in turn (key 2i: token i, key 2i + 1: token half + i) where no
+         * mask needs their positions. Token after token, a head's rows lie a constant stride apart
+         * (bf16 2 KiB, fp8 1 KiB), which trains the core's stride prefetcher, and at a block's end it
+         * runs on into memory that belongs to other pages and is never read. C harness, B8x4096,
+         * pages permuted, three rounds: bf16 4.87-4.90 -> 4.37 ms per layer, fp8 3.21-3.63 -> 2.96-3.12;
+         * int8 unchanged (its 130-byte rows are no whole number of lines apart). In page order,
+         * where the run-on is useful, bf16 takes 4.1-4.2 ms. */
+        const int alt = !causal_cut && !window_cut && !a->alibi, half = (n + 1) / 2;
         for (int i = 0; i < n; i++) {
-            const int j = j0 + i;
+            const int j = j0 + (alt ? (i % 2 ? half + i / 2 : i / 2) : i);
             const int64_t blk = table[j / a->bs], off = j % a->bs;
             krow[i] = a->k + blk * kb + off * kt;
             vrow[i] = a->v + blk * vb + off * vt;
@@ -1051,9 +1062,6 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
         /* done as the tile ends (int8 5% faster than done at 90%, bf16 and MLA 3-4%: no burst at its end) */
         cur.rate = (int)((pf_total * 16) / ((int64_t)NH * (n + pv_steps)) + 1);
         cur.credit = 0;
-        /* masks only where they cut this tile: decode's keys all precede its first query */
-        const int causal_cut = a->causal && j0 + n - 1 > pos_first;
-        const int window_cut = a->window >= 0 && j0 < pos_first + ql - 1 - a->window;
         __mmask16 valid[NUMAX];
         for (int u = 0; u < NU; u++) {
             const int nu = n - 16 * u;
