@@ -582,6 +582,27 @@ static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int
     }
 }
 
+/* scores4 over the whole head dim, 128 dims (four 32-dim chunks in registers) at a time */
+static inline __attribute__((always_inline)) void scores4_all(const uint16_t *q, int D, const uint8_t *const *kh, int n,
+                                                              const int KF, float *s, pf_cursor *pf) {
+    for (int c0 = 0; c0 < D; c0 += 128) {
+        pf_cursor *p = c0 == 0 ? pf : NULL;
+        switch ((D - c0) / 32 < 4 ? (D - c0) / 32 : 4) {
+        case 1: scores4(q, D, c0, 1, kh, n, KF, s, c0 == 0, p); break;
+        case 2: scores4(q, D, c0, 2, kh, n, KF, s, c0 == 0, p); break;
+        case 3: scores4(q, D, c0, 3, kh, n, KF, s, c0 == 0, p); break;
+        default: scores4(q, D, c0, 4, kh, n, KF, s, c0 == 0, p); break;
+        }
+    }
+}
+
+/* dst[i] = the fp16 scale at rows[i] + off as fp32, for i < n (0 past n, up to 16 nu) */
+static inline void row_scales(const uint8_t *const *rows, int64_t off, int n, int nu, float *dst) {
+    uint16_t t[FT] = {0};
+    for (int i = 0; i < n; i++) memcpy(t + i, rows[i] + off, 2);
+    for (int u = 0; u < nu; u++) _mm512_storeu_ps(dst + 16 * u, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(t + 16 * u))));
+}
+
 /* st[i][r] = q_r . k_i for sixteen bf16 rows at once, rows in lanes: qt [D / 2][16] holds the rows'
  * query pairs, each key pair is broadcast; eight keys at a time, no horizontal sums */
 static inline void scores16t(const uint32_t *qt, int D, const uint8_t *const *kh, int n, float *st,
@@ -821,11 +842,13 @@ static inline void unpermute(float *dst, const float *acc, int Dv, float mul, in
 /* The softmax update of four rows straight from scores4's token-major scores: vector z holds tokens
  * 4z .. 4z + 3 of the tile, lane 4 t + r for token 4z + t of row r0 + r. Every step (scales, masks, the
  * max, exp, sum, the weights' largest) serves the four rows at once, and a row's reductions over the
- * tile are vertical, across vectors, plus two lane swaps; the per-row loop took a
- * quarter of int8's time in cache on its serial reductions, scalar expf and branches. The weights
- * come out pair-major for pv4 (rs = 1, ks = 4): the 32-bit pair of tokens 2k, 2k + 1 for row r at
- * w4[4 k + r], 16-bit position 8 k + 2 r + (token % 2) of each 8-token vector; q_pos*[] give where that
- * lane comes from after the pack (int16) or the conversion (bf16). FTL: the format's tile length. */
+ * tile are vertical, across vectors, plus two lane swaps. The per-row loop it replaces (still used for
+ * 16+ rows, fp32 FMAs and int4) took a quarter of int8's time in cache (C harness, switched off: 0.317
+ * -> 0.236 ms per layer) on serial reductions, a scalar expf and branches. The weights come out
+ * pair-major for pv4 (rs = 1, ks = 4): the 32-bit pair of tokens 2k, 2k + 1 for row r at w4[4 k + r],
+ * 16-bit position 8 k + 2 r + (token % 2) of each 8-token vector; pm_from_int16 / pm_from_bf16 give the
+ * lane each position takes after the pack (int16) or the conversion (bf16). FTL: the format's tile
+ * length. */
 static uint16_t pm_from_int16[32], pm_from_bf16[32];
 
 __attribute__((constructor)) static void pair_major_init(void) {
@@ -1081,31 +1104,14 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 const uint16_t *qb = WS_Q(hh);
                 for (int i = 0; i < n; i++) kh[i] = krow[i] + (int64_t)h * a->k_width;
                 for (int r = 0; r < R4; r += 4)
-                    for (int c0 = 0; c0 < D; c0 += 128) {
-                        const int first = c0 == 0;
-                        pf_cursor *p = r == 0 && c0 == 0 ? &cur : NULL;
-                        float *sr = WS_S(hh & 1) + (size_t)r * FT;
-                        switch ((D - c0) / 32 < 4 ? (D - c0) / 32 : 4) {
-                        case 1: scores4(qb + (size_t)r * D, D, c0, 1, kh, n, KF, sr, first, p); break;
-                        case 2: scores4(qb + (size_t)r * D, D, c0, 2, kh, n, KF, sr, first, p); break;
-                        case 3: scores4(qb + (size_t)r * D, D, c0, 3, kh, n, KF, sr, first, p); break;
-                        default: scores4(qb + (size_t)r * D, D, c0, 4, kh, n, KF, sr, first, p); break;
-                        }
-                    }
+                    scores4_all(qb + (size_t)r * D, D, kh, n, KF, WS_S(hh & 1) + (size_t)r * FT, r == 0 ? &cur : NULL);
             }
             if (hh > 0) {
                 const int hp = hh - 1, h = h0 + hp;
                 float ktok[FT] __attribute__((aligned(64))), vtok[FT] __attribute__((aligned(64)));
-                if (row_scaled(KF)) {            /* the rows' fp16 scales, converted 16 at a time */
-                    uint16_t tk[FT] = {0}, tv[FT] = {0};
-                    for (int i = 0; i < n; i++) {
-                        memcpy(tk + i, krow[i] + (int64_t)h * a->k_width + a->k_width - 2, 2);
-                        memcpy(tv + i, vrow[i] + (int64_t)h * a->v_width + a->v_width - 2, 2);
-                    }
-                    for (int u = 0; u < NU; u++) {
-                        _mm512_store_ps(ktok + 16 * u, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tk + 16 * u))));
-                        _mm512_store_ps(vtok + 16 * u, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tv + 16 * u))));
-                    }
+                if (row_scaled(KF)) {            /* the rows' fp16 scales */
+                    row_scales(krow, (int64_t)h * a->k_width + a->k_width - 2, n, NU, ktok);
+                    row_scales(vrow, (int64_t)h * a->v_width + a->v_width - 2, n, NU, vtok);
                 }
                 for (int r = 0; r < R4; r += 4)
                     softmax4(a, WS_S(hp & 1) + (size_t)r * FT, n, j0, r, R, G, h, pos_first, causal_cut, window_cut,
@@ -1148,32 +1154,20 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 rows4(s + (size_t)r * FT, st, n);
             }
             for (int r = 0; !use_t && !WIDE && r < R4; r += 4) {
-                for (int c0 = 0; c0 < D; c0 += 128) {
-                    const int first = c0 == 0;
-                    pf_cursor *p = r == 0 && c0 == 0 ? &cur : NULL;
-                    float *sr = st;
-                    switch ((D - c0) / 32 < 4 ? (D - c0) / 32 : 4) {
-                    case 1: scores4(qb + (size_t)r * D, D, c0, 1, kh, n, KF, sr, first, p); break;
-                    case 2: scores4(qb + (size_t)r * D, D, c0, 2, kh, n, KF, sr, first, p); break;
-                    case 3: scores4(qb + (size_t)r * D, D, c0, 3, kh, n, KF, sr, first, p); break;
-                    default: scores4(qb + (size_t)r * D, D, c0, 4, kh, n, KF, sr, first, p); break;
-                    }
-                }
+                scores4_all(qb + (size_t)r * D, D, kh, n, KF, st, r == 0 ? &cur : NULL);
                 rows4(s + (size_t)r * FT, st, n);
             }
             /* softmax update per row over the tile (two halves of 16); the weights as bf16 (int8 rows:
              * int16) pairs */
             __m512 kmul[NUMAX], vmul[NUMAX];
             for (int u = 0; u < NU; u++) kmul[u] = vmul[u] = _mm512_set1_ps(1.f);
-            if (row_scaled(KF)) {                /* the rows' fp16 scales, converted 16 at a time */
-                uint16_t tk[FT] = {0}, tv[FT] = {0};
-                for (int i = 0; i < n; i++) {
-                    memcpy(tk + i, kh[i] + a->k_width - 2, 2);
-                    memcpy(tv + i, vh[i] + a->v_width - 2, 2);
-                }
+            if (row_scaled(KF)) {                /* the rows' fp16 scales */
+                float ks[FT], vs[FT];
+                row_scales(kh, a->k_width - 2, n, NU, ks);
+                row_scales(vh, a->v_width - 2, n, NU, vs);
                 for (int u = 0; u < NU; u++) {
-                    kmul[u] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tk + 16 * u)));
-                    vmul[u] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(tv + 16 * u)));
+                    kmul[u] = _mm512_loadu_ps(ks + 16 * u);
+                    vmul[u] = _mm512_loadu_ps(vs + 16 * u);
                 }
             }
             float wscale[R4 * NG];
