@@ -839,14 +839,15 @@ static inline void unpermute(float *dst, const float *acc, int Dv, float mul, in
     }
 }
 
-/* The softmax update of four rows straight from scores4's token-major scores: vector z holds tokens
- * 4z .. 4z + 3 of the tile, lane 4 t + r for token 4z + t of row r0 + r. Every step (scales, masks, the
+/* The softmax update of four rows straight from scores4's token-major scores: vector z holds keys
+ * 4z .. 4z + 3 of the tile (in the order the tile visits them, see decode_item_impl), lane 4 t + r for
+ * key 4z + t of row r0 + r. Every step (scales, masks, the
  * max, exp, sum, the weights' largest) serves the four rows at once, and a row's reductions over the
  * tile are vertical, across vectors, plus two lane swaps. The per-row loop it replaces (still used for
  * 16+ rows, fp32 FMAs and int4) took a quarter of int8's time in cache (C harness, switched off: 0.317
  * -> 0.236 ms per layer) on serial reductions, a scalar expf and branches. The weights come out
- * pair-major for pv4 (rs = 1, ks = 4): the 32-bit pair of tokens 2k, 2k + 1 for row r at w4[4 k + r],
- * 16-bit position 8 k + 2 r + (token % 2) of each 8-token vector; pm_from_int16 / pm_from_bf16 give the
+ * pair-major for pv4 (rs = 1, ks = 4): the 32-bit pair of keys 2k, 2k + 1 for row r at w4[4 k + r],
+ * 16-bit position 8 k + 2 r + (key % 2) of each 8-key vector; pm_from_int16 / pm_from_bf16 give the
  * lane each position takes after the pack (int16) or the conversion (bf16). FTL: the format's tile
  * length. */
 static uint16_t pm_from_int16[32], pm_from_bf16[32];
