@@ -546,7 +546,8 @@ static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int
         q3[c] = _mm512_loadu_si512(q + 3 * (size_t)D + c0 + 32 * c);
     }
     for (int i = 0; i < n; i++) {
-        if (pf) pf_step(pf, 1, pf_four(KF));
+        if (pf && (!pf_four(KF) || (i & 1) || i == n - 1))  /* 8-bit rows: every second key, as pv4_int8 */
+            pf_step(pf, pf_four(KF) ? 2 - (~i & 1) : 1, pf_four(KF));
         if (!pf_four(KF) && i + L1_AHEAD < n)    /* 16-bit rows: the key L1_AHEAD on, from L2 into L1 */
             for (size_t l = 0; l < boff(KF, 32 * NC); l += 64)
                 _mm_prefetch((const char *)kh[i + L1_AHEAD] + boff(KF, c0) + l, _MM_HINT_T0);
@@ -600,6 +601,17 @@ static inline __attribute__((always_inline)) void scores4_all(const uint16_t *q,
 static inline void row_scales(const uint8_t *const *rows, int64_t off, int n, int nu, float *dst) {
     uint16_t t[FT] = {0};
     for (int i = 0; i < n; i++) memcpy(t + i, rows[i] + off, 2);
+    for (int u = 0; u < nu; u++) _mm512_storeu_ps(dst + 16 * u, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(t + 16 * u))));
+}
+
+/* row_scales in two halves, a head apart: the 2-byte copies, then (once those stores retired) the vector
+ * conversion. Converted right after the copies, the vector load waited for the copies to retire, and so
+ * did the softmax's chain behind it (C harness, int8 B1x4096 in cache, one thread: 0.550 -> 0.539 ms per
+ * layer; scalar conversions one head early, the same; gathers, 0.577). */
+static inline void row_scales_copy(const uint8_t *const *rows, int64_t off, int n, uint16_t *t) {
+    for (int i = 0; i < n; i++) memcpy(t + i, rows[i] + off, 2);
+}
+static inline void row_scales_convert(const uint16_t *t, int nu, float *dst) {
     for (int u = 0; u < nu; u++) _mm512_storeu_ps(dst + 16 * u, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(t + 16 * u))));
 }
 
@@ -778,7 +790,8 @@ static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d,
         for (int c = 0; c < 4; c++)
             x[r][c] = is_int(VF) ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + (size_t)r * Dv + d + 16 * c);
     for (int k = 0; k < npairs; k++) {
-        if (pf) pf_step(pf, 1, pf_four(VF));
+        if (pf && (!pf_four(VF) || (k & 1) || k == npairs - 1))  /* 8-bit rows: every second pair, as pv4_int8 */
+            pf_step(pf, pf_four(VF) ? 2 - (~k & 1) : 1, pf_four(VF));
         const uint8_t *va = vh[2 * k] + boff(VF, d), *vb = vh[2 * k + 1] + boff(VF, d);
         __m512i A0, B0, A1, B1;
         __m512i L0, H0, L1, H1;
@@ -812,6 +825,48 @@ static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d,
                 _mm512_storeu_ps(rows[r] + 16 * c, x[r][c]);
         }
 }
+
+/* pv4 for int8 rows in softmax4's pair-major weights (rs = 1, ks = 4): the sixteen int32 accumulators
+ * named and updated in place by VPDPWSSD. Through pv4's array, and through its casts from fp32 vectors,
+ * gcc 12 kept the accumulators in two register sets and copied one into the other after every pair (30
+ * moves and two stack round trips per 16 products): alone, with its rows in L1, P.V took 21.8 cycles
+ * per key instead of 17.9 (16 is the products' bound). The prefetch cursor steps every second pair: its
+ * branches cost about 3 cycles per key when stepped every pair. */
+#define DP_INPLACE(acc, a, b) __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
+static inline __attribute__((always_inline)) void pv4_int8(float *acc, int Dv, int d, const uint32_t *w,
+                                                           const float *wscale, const uint8_t *const *vh,
+                                                           int npairs, pf_cursor *pf) {
+    __m512i x00 = _mm512_setzero_si512(), x01 = x00, x02 = x00, x03 = x00, x10 = x00, x11 = x00, x12 = x00, x13 = x00;
+    __m512i x20 = x00, x21 = x00, x22 = x00, x23 = x00, x30 = x00, x31 = x00, x32 = x00, x33 = x00;
+    for (int k = 0; k < npairs; k++) {
+        if (pf && ((k & 1) || k == npairs - 1)) pf_step(pf, 2 - (~k & 1), 1);
+        const uint8_t *va = vh[2 * k] + d, *vb = vh[2 * k + 1] + d;
+        const __m512i A0 = ld32(va, FMT_INT8), B0 = ld32(vb, FMT_INT8), A1 = ld32(va + 32, FMT_INT8), B1 = ld32(vb + 32, FMT_INT8);
+        const __m512i L0 = _mm512_unpacklo_epi16(A0, B0), H0 = _mm512_unpackhi_epi16(A0, B0);
+        const __m512i L1 = _mm512_unpacklo_epi16(A1, B1), H1 = _mm512_unpackhi_epi16(A1, B1);
+        const uint32_t *wk = w + 4 * (size_t)k;
+#define PV_ROW(r)                                                                                    \
+        {                                                                                            \
+            const __m512i wr = _mm512_set1_epi32((int)wk[r]);                                        \
+            DP_INPLACE(x##r##0, L0, wr); DP_INPLACE(x##r##1, H0, wr);                                \
+            DP_INPLACE(x##r##2, L1, wr); DP_INPLACE(x##r##3, H1, wr);                                \
+        }
+        PV_ROW(0) PV_ROW(1) PV_ROW(2) PV_ROW(3)
+#undef PV_ROW
+    }
+#define PV_STORE(r)                                                                                 \
+    {                                                                                               \
+        float *row = acc + (size_t)r * Dv + d;                                                      \
+        const __m512 sc = _mm512_set1_ps(wscale[r]);                                                \
+        _mm512_storeu_ps(row, _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(x##r##0), _mm512_loadu_ps(row))); \
+        _mm512_storeu_ps(row + 16, _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(x##r##1), _mm512_loadu_ps(row + 16))); \
+        _mm512_storeu_ps(row + 32, _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(x##r##2), _mm512_loadu_ps(row + 32))); \
+        _mm512_storeu_ps(row + 48, _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(x##r##3), _mm512_loadu_ps(row + 48))); \
+    }
+    PV_STORE(0) PV_STORE(1) PV_STORE(2) PV_STORE(3)
+#undef PV_STORE
+}
+#undef DP_INPLACE
 
 /* an accumulator row from the interleaved order of pv4 (per 32 dims: the unpacklo lanes, then the
  * unpackhi lanes; fp8 table rows: per 64 dims, see lut_dim) back to dims in order, times `mul` */
@@ -871,53 +926,75 @@ static inline __m512 swap_reduce_add(__m512 v) {
     return _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));
 }
 
-static inline __attribute__((always_inline)) void softmax4(const decode_args *a, const float *st, int n, int j0, int r0,
-                                                           int R, int G, int h, int pos_first, int causal_cut,
-                                                           int window_cut, const float *ktok, const float *vtok,
-                                                           const float *qs, float *m, float *l, float *acc, int Dv,
-                                                           uint32_t *w4, float *wscale, const int VF, const int FTL) {
+/* the lane-wise max / sum of v[0 .. n), n = 4, 8 or 16 (a tile's vectors), as trees: short serial chains */
+static inline __attribute__((always_inline)) __m512 tree_max(const __m512 *v, int n) {
+    const __m512 x4 = _mm512_max_ps(_mm512_max_ps(v[0], v[1]), _mm512_max_ps(v[2], v[3]));
+    if (n == 4) return x4;
+    const __m512 x8 = _mm512_max_ps(x4, _mm512_max_ps(_mm512_max_ps(v[4], v[5]), _mm512_max_ps(v[6], v[7])));
+    return n == 8 ? x8 : _mm512_max_ps(x8, tree_max(v + 8, 8));
+}
+static inline __attribute__((always_inline)) __m512 tree_add(const __m512 *v, int n) {
+    const __m512 x4 = _mm512_add_ps(_mm512_add_ps(v[0], v[1]), _mm512_add_ps(v[2], v[3]));
+    if (n == 4) return x4;
+    const __m512 x8 = _mm512_add_ps(x4, _mm512_add_ps(_mm512_add_ps(v[4], v[5]), _mm512_add_ps(v[6], v[7])));
+    return n == 8 ? x8 : _mm512_add_ps(x8, tree_add(v + 8, 8));
+}
+
+static inline __attribute__((always_inline)) void softmax4_body(const decode_args *a, const float *st, int n, int j0,
+                                                                int r0, int R, int G, int h, int pos_first,
+                                                                int causal_cut, int window_cut, const float *ktok,
+                                                                const float *vtok, const float *qs, float *m, float *l,
+                                                                float *acc, int Dv, uint32_t *w4, float *wscale,
+                                                                const int VF, const int FTL) {
     enum { NZ = FT / 4 };
     const int nz = FTL / 4;
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i tq = _mm512_srli_epi32(lane, 2), rq = _mm512_and_si512(lane, _mm512_set1_epi32(3));
-    int32_t pr[4];
-    float sl[4];
-    for (int r = 0; r < 4; r++) {
-        pr[r] = pos_first + (r0 + r) / G;
-        sl[r] = a->alibi ? a->alibi[h * G + (r0 + r) % G] : 0.f;
-    }
-    const __m512i pv = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)pr));
-    const __m512 slope = _mm512_broadcast_f32x4(_mm_loadu_ps(sl)), qsv = _mm512_broadcast_f32x4(_mm_loadu_ps(qs + r0));
+    const __m512 qsv = _mm512_broadcast_f32x4(_mm_loadu_ps(qs + r0));
     const __mmask16 rows = _mm512_cmplt_epi32_mask(_mm512_add_epi32(rq, _mm512_set1_epi32(r0)), _mm512_set1_epi32(R));
     const __m512 ninf = _mm512_set1_ps(-INFINITY), zero = _mm512_setzero_ps();
-    __m512 x[NZ], xm = ninf;
+    __m512 x[NZ], t[NZ];
     __mmask16 vis[NZ];
-    for (int z = 0; z < nz; z++) {
-        __m512 v = _mm512_loadu_ps(st + 16 * z);
-        if (ktok) v = _mm512_mul_ps(v, _mm512_permutexvar_ps(tq, _mm512_castps128_ps512(_mm_loadu_ps(ktok + 4 * z))));
-        v = _mm512_mul_ps(v, qsv);
-        if (a->softcap > 0.f) v = softcap512(v, a->softcap);
-        const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(j0 + 4 * z), tq);
-        if (a->alibi) v = _mm512_fnmadd_ps(slope, _mm512_abs_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(pv, jv))), v);
-        __mmask16 k = rows & _mm512_cmplt_epi32_mask(_mm512_add_epi32(_mm512_set1_epi32(4 * z), tq), _mm512_set1_epi32(n));
-        if (causal_cut) k &= _mm512_cmple_epi32_mask(jv, pv);
-        if (window_cut) k &= _mm512_cmpge_epi32_mask(jv, _mm512_sub_epi32(pv, _mm512_set1_epi32(a->window)));
-        x[z] = _mm512_mask_blend_ps(k, ninf, v);
-        vis[z] = k;
-        xm = _mm512_max_ps(xm, x[z]);
+    if (!(a->softcap > 0.f) && !a->alibi && !causal_cut && !window_cut) {  /* decode's usual tile: no positions */
+        for (int z = 0; z < nz; z++) {
+            __m512 v = _mm512_mul_ps(_mm512_loadu_ps(st + 16 * z), qsv);
+            if (ktok) v = _mm512_mul_ps(v, _mm512_permutexvar_ps(tq, _mm512_castps128_ps512(_mm_loadu_ps(ktok + 4 * z))));
+            vis[z] = 4 * z + 4 <= n ? rows
+                   : rows & _mm512_cmplt_epi32_mask(_mm512_add_epi32(_mm512_set1_epi32(4 * z), tq), _mm512_set1_epi32(n));
+            x[z] = t[z] = _mm512_mask_blend_ps(vis[z], ninf, v);
+        }
+    } else {
+        int32_t pr[4];
+        float sl[4];
+        for (int r = 0; r < 4; r++) {
+            pr[r] = pos_first + (r0 + r) / G;
+            sl[r] = a->alibi ? a->alibi[h * G + (r0 + r) % G] : 0.f;
+        }
+        const __m512i pv = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)pr));
+        const __m512 slope = _mm512_broadcast_f32x4(_mm_loadu_ps(sl));
+        for (int z = 0; z < nz; z++) {
+            __m512 v = _mm512_loadu_ps(st + 16 * z);
+            if (ktok) v = _mm512_mul_ps(v, _mm512_permutexvar_ps(tq, _mm512_castps128_ps512(_mm_loadu_ps(ktok + 4 * z))));
+            v = _mm512_mul_ps(v, qsv);
+            if (a->softcap > 0.f) v = softcap512(v, a->softcap);
+            const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(j0 + 4 * z), tq);
+            if (a->alibi) v = _mm512_fnmadd_ps(slope, _mm512_abs_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(pv, jv))), v);
+            __mmask16 k = rows & _mm512_cmplt_epi32_mask(_mm512_add_epi32(_mm512_set1_epi32(4 * z), tq), _mm512_set1_epi32(n));
+            if (causal_cut) k &= _mm512_cmple_epi32_mask(jv, pv);
+            if (window_cut) k &= _mm512_cmpge_epi32_mask(jv, _mm512_sub_epi32(pv, _mm512_set1_epi32(a->window)));
+            x[z] = t[z] = _mm512_mask_blend_ps(k, ninf, v);
+            vis[z] = k;
+        }
     }
-    const __m512 mo = _mm512_broadcast_f32x4(_mm_loadu_ps(m + r0)), mn = _mm512_max_ps(mo, swap_reduce_max(xm));
+    const __m512 mo = _mm512_broadcast_f32x4(_mm_loadu_ps(m + r0)), mn = _mm512_max_ps(mo, swap_reduce_max(tree_max(t, nz)));
     /* alpha = e^(m_old - m_new), 1 where the max held (both -inf included); exponents against 0 while
      * nothing is visible, so that masked lanes give e^-inf = 0, not NaN */
     const __m512 alpha = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mo, mn, _CMP_EQ_OQ), exp512(_mm512_sub_ps(mo, mn)),
                                               _mm512_set1_ps(1.f));
     const __m512 ms = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mn, ninf, _CMP_EQ_OQ), mn, zero);
-    __m512 p[NZ], ps = zero;
-    for (int z = 0; z < nz; z++) {
-        p[z] = _mm512_maskz_mov_ps(vis[z], exp512(_mm512_sub_ps(x[z], ms)));
-        ps = _mm512_add_ps(ps, p[z]);
-    }
-    const __m512 ln = _mm512_fmadd_ps(_mm512_broadcast_f32x4(_mm_loadu_ps(l + r0)), alpha, swap_reduce_add(ps));
+    __m512 p[NZ];
+    for (int z = 0; z < nz; z++) t[z] = p[z] = _mm512_maskz_mov_ps(vis[z], exp512(_mm512_sub_ps(x[z], ms)));
+    const __m512 ln = _mm512_fmadd_ps(_mm512_broadcast_f32x4(_mm_loadu_ps(l + r0)), alpha, swap_reduce_add(tree_add(t, nz)));
     _mm_storeu_ps(l + r0, _mm512_castps512_ps128(ln));
     _mm_storeu_ps(m + r0, _mm512_castps512_ps128(mn));
     if (_mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.f), _CMP_NEQ_UQ) & rows & 0xf) {
@@ -927,12 +1004,9 @@ static inline __attribute__((always_inline)) void softmax4(const decode_args *a,
             if (al[r] != 1.f) scal(acc + (size_t)(r0 + r) * Dv, al[r], Dv);
     }
     if (is_int(VF)) {                        /* weight p * row scale, as int16 against the tile's largest */
-        __m512 wm = zero;
-        for (int z = 0; z < nz; z++) {
-            p[z] = _mm512_mul_ps(p[z], _mm512_permutexvar_ps(tq, _mm512_castps128_ps512(_mm_loadu_ps(vtok + 4 * z))));
-            wm = _mm512_max_ps(wm, p[z]);
-        }
-        wm = swap_reduce_max(wm);
+        for (int z = 0; z < nz; z++)
+            t[z] = p[z] = _mm512_mul_ps(p[z], _mm512_permutexvar_ps(tq, _mm512_castps128_ps512(_mm_loadu_ps(vtok + 4 * z))));
+        const __m512 wm = swap_reduce_max(_mm512_max_ps(tree_max(t, nz), zero));
         const __m512 kq = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(wm, zero, _CMP_GT_OQ), _mm512_set1_ps(32767.f), wm);
         _mm_storeu_ps(wscale + r0, _mm512_castps512_ps128(_mm512_div_ps(wm, _mm512_set1_ps(32767.f))));
         const __m512i ix = _mm512_loadu_si512(pm_from_int16);
@@ -948,6 +1022,32 @@ static inline __attribute__((always_inline)) void softmax4(const decode_args *a,
             _mm512_storeu_si512(w4 + 8 * z, _mm512_permutexvar_epi16(ix, b));
         }
     }
+}
+
+/* softmax4 as one out-of-line function per kind of weight (int16 or bf16) and tile length, shared by the
+ * row formats: inlined, it made int8's item function 24 KB instead of 14, and was no faster. */
+#define SOFTMAX4_FN(name, VF, FTL)                                                                              \
+    static __attribute__((noinline)) void name(const decode_args *a, const float *st, int n, int j0, int r0, int R, \
+                                               int G, int h, int pos_first, int causal_cut, int window_cut,        \
+                                               const float *ktok, const float *vtok, const float *qs, float *m,    \
+                                               float *l, float *acc, int Dv, uint32_t *w4, float *wscale) {        \
+        softmax4_body(a, st, n, j0, r0, R, G, h, pos_first, causal_cut, window_cut, ktok, vtok, qs, m, l, acc, Dv,  \
+                      w4, wscale, VF, FTL);                                                                        \
+    }
+SOFTMAX4_FN(softmax4_int16_32, FMT_INT8, 32)
+SOFTMAX4_FN(softmax4_int16_64, FMT_INT8, 64)
+SOFTMAX4_FN(softmax4_bf16_32, FMT_BF16, 32)
+SOFTMAX4_FN(softmax4_bf16_64, FMT_BF16, 64)
+#undef SOFTMAX4_FN
+
+static inline __attribute__((always_inline)) void softmax4(const decode_args *a, const float *st, int n, int j0, int r0,
+                                                           int R, int G, int h, int pos_first, int causal_cut,
+                                                           int window_cut, const float *ktok, const float *vtok,
+                                                           const float *qs, float *m, float *l, float *acc, int Dv,
+                                                           uint32_t *w4, float *wscale, const int VF, const int FTL) {
+    /* FTL: 32 or 64 (fp32 rows, 16 a tile, take the per-row softmax) */
+    (is_int(VF) ? (FTL == 32 ? softmax4_int16_32 : softmax4_int16_64) : (FTL == 32 ? softmax4_bf16_32 : softmax4_bf16_64))(
+        a, st, n, j0, r0, R, G, h, pos_first, causal_cut, window_cut, ktok, vtok, qs, m, l, acc, Dv, w4, wscale);
 }
 
 /* Keys [split * SPLIT, (split + 1) * SPLIT) of sequence b for KV heads [h0, h1). With partial == NULL
@@ -1044,6 +1144,9 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     float st[4 * FT] __attribute__((aligned(64)));  /* a tile's scores of four rows, token-major */
     float st16[16 * FT] __attribute__((aligned(64)));  /* ... of sixteen rows (scores16t) */
     const int ft = tile_len(KF), NU = ft / 16;
+    uint16_t kt16[2][FT], vt16[2][FT];       /* softmax4: fp16 row scales of heads hh and hh - 1 (finite past n) */
+    memset(kt16, 0, sizeof kt16);
+    memset(vt16, 0, sizeof vt16);
     pf_cursor cur;
     cur.klen = (int64_t)NH * a->k_width;
     cur.vlen = (int64_t)NH * a->v_width;
@@ -1093,15 +1196,17 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             const int nu = n - 16 * u;
             valid[u] = (__mmask16)(nu >= 16 ? 0xffffu : nu > 0 ? (1u << nu) - 1u : 0u);
         }
-        /* four-row groups (softmax4), staggered over the heads: head hh's scores, then head hh - 1's
-         * softmax and P.V. The scores wait token-major in the s block of workspace head hh % 2 (unused
-         * by softmax4 otherwise; head 1's exists whenever hh = 1 < NH). C harness, B8x4096, 6
-         * alternated rounds, against the per-row softmax: int8 3.00 -> 2.79 ms per layer, fp8 3.32 ->
-         * 3.25, bf16 within noise. Head hh - 1's softmax placed before head hh's scores instead (so
-         * that they fill its serial chain of ~200 cycles) was as fast in cache and slower streamed:
-         * int8 2.89, fp8 3.39. */
-        for (int hh = 0; quad && hh <= NH; hh++) {
-            float wscale[R4];
+        /* four-row groups (softmax4), staggered over the heads: head hh's scores, head hh - 1's softmax,
+         * head hh - 2's P.V, so that the softmax's serial chain (~200 cycles) overlaps a P.V that does not
+         * wait for it. The scores wait token-major in the s block of workspace head hh % 2 (unused by
+         * softmax4 otherwise; head 1's exists whenever hh = 1 < NH), the weights in head hh's w block. C
+         * harness, B8x4096, 6 alternated rounds, against the per-row softmax: int8 3.00 -> 2.79 ms per
+         * layer, fp8 3.32 -> 3.25, bf16 within noise. Head hh - 1's softmax placed before head hh's scores
+         * instead was as fast in cache and slower streamed: int8 2.89, fp8 3.39. P.V one head behind the
+         * softmax (as it was until 2026-11-29) instead of two: int8 in cache, one thread, 0.58 against
+         * 0.56 ms per layer. */
+        float wsc[2][R4];                        /* the weights' scales of heads hh - 1 and hh - 2 */
+        for (int hh = 0; quad && hh <= NH + 1; hh++) {
             if (hh < NH) {
                 const int h = h0 + hh;
                 const uint16_t *qb = WS_Q(hh);
@@ -1109,26 +1214,37 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 for (int r = 0; r < R4; r += 4)
                     scores4_all(qb + (size_t)r * D, D, kh, n, KF, WS_S(hh & 1) + (size_t)r * FT, r == 0 ? &cur : NULL);
             }
-            if (hh > 0) {
+            if (hh < NH && row_scaled(KF)) {     /* head hh's rows' fp16 scales, converted one head on */
+                const int64_t h = h0 + hh;
+                row_scales_copy(krow, h * a->k_width + a->k_width - 2, n, kt16[hh & 1]);
+                row_scales_copy(vrow, h * a->v_width + a->v_width - 2, n, vt16[hh & 1]);
+            }
+            if (hh > 0 && hh <= NH) {
                 const int hp = hh - 1, h = h0 + hp;
                 float ktok[FT] __attribute__((aligned(64))), vtok[FT] __attribute__((aligned(64)));
-                if (row_scaled(KF)) {            /* the rows' fp16 scales */
-                    row_scales(krow, (int64_t)h * a->k_width + a->k_width - 2, n, NU, ktok);
-                    row_scales(vrow, (int64_t)h * a->v_width + a->v_width - 2, n, NU, vtok);
+                if (row_scaled(KF)) {
+                    row_scales_convert(kt16[hp & 1], NU, ktok);
+                    row_scales_convert(vt16[hp & 1], NU, vtok);
                 }
                 for (int r = 0; r < R4; r += 4)
                     softmax4(a, WS_S(hp & 1) + (size_t)r * FT, n, j0, r, R, G, h, pos_first, causal_cut, window_cut,
                              row_scaled(KF) ? ktok : NULL, vtok, WS_QS(hp), WS_M(hp), WS_L(hp), WS_ACC(hp), Dv,
-                             WS_W(hp) + (size_t)r * WR, wscale, VF, ft);
+                             WS_W(hp) + (size_t)r * WR, wsc[hp & 1], VF, ft);
             }
-            if (hh > 0) {
-                const int hp = hh - 1, h = h0 + hp;
+            if (hh > 1) {
+                const int hv = hh - 2, h = h0 + hv;
                 for (int i = 0; i < n; i++) vh[i] = vrow[i] + (int64_t)h * a->v_width;
                 vh[n] = zero_row;
                 for (int r = 0; r < R4; r += 4)
-                    for (int d = 0; d < Dv; d += 64)
-                        pv4(WS_ACC(hp) + (size_t)r * Dv, Dv, d, WS_W(hp) + (size_t)r * WR, 1, 4, wscale + r, 1, vh, npairs,
-                            VF, r == 0 ? &cur : NULL);
+                    for (int d = 0; d < Dv; d += 64) {
+                        pf_cursor *p = r == 0 ? &cur : NULL;
+                        if (VF == FMT_INT8)
+                            pv4_int8(WS_ACC(hv) + (size_t)r * Dv, Dv, d, WS_W(hv) + (size_t)r * WR, wsc[hv & 1] + r, vh,
+                                     npairs, p);
+                        else
+                            pv4(WS_ACC(hv) + (size_t)r * Dv, Dv, d, WS_W(hv) + (size_t)r * WR, 1, 4, wsc[hv & 1] + r, 1, vh,
+                                npairs, VF, p);
+                    }
             }
         }
         for (int hh = 0; !quad && hh < NH; hh++) {
