@@ -1,0 +1,85 @@
+/* What this core's vector units do per cycle: the pipe model behind the README's "Compute per row".
+ *
+ *   gcc -O2 -march=native tools/vector_ports.c -o /tmp/vp && /tmp/vp
+ *
+ * Each line times a loop of independent 512-bit instructions (no chains between them) and prints the
+ * cycles one iteration takes, the clock taken from a chain of dependent VPADDD (one cycle each). A
+ * mix's time against its parts' shows which instructions share execution pipes: two kinds that do
+ * not share run in the time of the slower, two that do in the sum. Needs AVX512-VNNI and BF16.
+ */
+#include <stdio.h>
+#include <time.h>
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+enum { N = 20000000 };
+static char buf[256] __attribute__((aligned(64)));
+
+/* eight independent instructions of a kind (those that only write their destination may share one) */
+#define X8(op, a, b, d0)                                                                                  \
+    op " " a "," b ",%%zmm" #d0 "\n" op " " a "," b ",%%zmm" #d0 "\n" op " " a "," b ",%%zmm" #d0 "\n" \
+    op " " a "," b ",%%zmm" #d0 "\n" op " " a "," b ",%%zmm" #d0 "\n" op " " a "," b ",%%zmm" #d0 "\n" \
+    op " " a "," b ",%%zmm" #d0 "\n" op " " a "," b ",%%zmm" #d0 "\n"
+#define DP "vpdpwssd %%zmm20,%%zmm21,%%zmm0\n vpdpwssd %%zmm20,%%zmm21,%%zmm1\n vpdpwssd %%zmm20,%%zmm21,%%zmm2\n" \
+           "vpdpwssd %%zmm20,%%zmm21,%%zmm3\n vpdpwssd %%zmm20,%%zmm21,%%zmm4\n vpdpwssd %%zmm20,%%zmm21,%%zmm5\n" \
+           "vpdpwssd %%zmm20,%%zmm21,%%zmm6\n vpdpwssd %%zmm20,%%zmm21,%%zmm7\n"
+#define BF "vdpbf16ps %%zmm20,%%zmm21,%%zmm0\n vdpbf16ps %%zmm20,%%zmm21,%%zmm1\n vdpbf16ps %%zmm20,%%zmm21,%%zmm2\n" \
+           "vdpbf16ps %%zmm20,%%zmm21,%%zmm3\n vdpbf16ps %%zmm20,%%zmm21,%%zmm4\n vdpbf16ps %%zmm20,%%zmm21,%%zmm5\n" \
+           "vdpbf16ps %%zmm20,%%zmm21,%%zmm6\n vdpbf16ps %%zmm20,%%zmm21,%%zmm7\n"
+#define UNP X8("vpunpcklwd", "%%zmm22", "%%zmm23", 9)
+#define ADD X8("vpaddd", "%%zmm22", "%%zmm23", 10)
+#define FMA "vfmadd231ps %%zmm22,%%zmm23,%%zmm8\n vfmadd231ps %%zmm22,%%zmm23,%%zmm9\n vfmadd231ps %%zmm22,%%zmm23,%%zmm10\n" \
+            "vfmadd231ps %%zmm22,%%zmm23,%%zmm11\n vfmadd231ps %%zmm22,%%zmm23,%%zmm12\n vfmadd231ps %%zmm22,%%zmm23,%%zmm13\n" \
+            "vfmadd231ps %%zmm22,%%zmm23,%%zmm14\n vfmadd231ps %%zmm22,%%zmm23,%%zmm15\n"  /* (accumulators: one each) */
+#define MOV "vmovdqa32 %%zmm22,%%zmm12\n vmovdqa32 %%zmm23,%%zmm12\n vmovdqa32 %%zmm22,%%zmm12\n vmovdqa32 %%zmm23,%%zmm12\n" \
+            "vmovdqa32 %%zmm22,%%zmm12\n vmovdqa32 %%zmm23,%%zmm12\n vmovdqa32 %%zmm22,%%zmm12\n vmovdqa32 %%zmm23,%%zmm12\n"
+#define PERM X8("vpermw", "%%zmm22", "%%zmm23", 13)
+
+static double ghz;
+
+static void report(const char *name, double t) { printf("%-34s %5.2f cycles\n", name, t / N * ghz * 1e9); }
+
+#define TIME(name, code)                                                                                   \
+    do {                                                                                                   \
+        const double t0 = now_s();                                                                         \
+        for (long i = 0; i < N; i++)                                                                       \
+            __asm__ volatile(code ::"r"(buf)                                                               \
+                             : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", \
+                               "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory");                               \
+        report(name, now_s() - t0);                                                                        \
+    } while (0)
+
+int main(void) {
+    const double t0 = now_s();
+    for (long i = 0; i < N; i++)
+        __asm__ volatile("vpaddd %%zmm0,%%zmm0,%%zmm0\n vpaddd %%zmm0,%%zmm0,%%zmm0\n vpaddd %%zmm0,%%zmm0,%%zmm0\n"
+                         "vpaddd %%zmm0,%%zmm0,%%zmm0\n vpaddd %%zmm0,%%zmm0,%%zmm0\n vpaddd %%zmm0,%%zmm0,%%zmm0\n"
+                         "vpaddd %%zmm0,%%zmm0,%%zmm0\n vpaddd %%zmm0,%%zmm0,%%zmm0\n" ::: "xmm0");
+    ghz = 8.0 * N / (now_s() - t0) / 1e9;
+    printf("clock %.2f GHz (a chain of VPADDD, one cycle each); cycles per iteration of:\n", ghz);
+    TIME("8 VPDPWSSD", DP);
+    TIME("8 VDPBF16PS", BF);
+    TIME("8 VPMOVSXBW (widen int8)", "vpmovsxbw (%0),%%zmm8\n vpmovsxbw 32(%0),%%zmm8\n vpmovsxbw (%0),%%zmm8\n"
+                                      "vpmovsxbw 32(%0),%%zmm8\n vpmovsxbw (%0),%%zmm8\n vpmovsxbw 32(%0),%%zmm8\n"
+                                      "vpmovsxbw (%0),%%zmm8\n vpmovsxbw 32(%0),%%zmm8\n");
+    TIME("8 VPUNPCKLWD", UNP);
+    TIME("8 VPADDD", ADD);
+    TIME("8 VFMADD231PS", FMA);
+    TIME("8 VPERMW", PERM);
+    TIME("8 VPDPWSSD + 8 VPMOVSXBW", DP "vpmovsxbw (%0),%%zmm8\n vpmovsxbw 32(%0),%%zmm8\n vpmovsxbw (%0),%%zmm8\n"
+                                        "vpmovsxbw 32(%0),%%zmm8\n vpmovsxbw (%0),%%zmm8\n vpmovsxbw 32(%0),%%zmm8\n"
+                                        "vpmovsxbw (%0),%%zmm8\n vpmovsxbw 32(%0),%%zmm8\n");
+    TIME("8 VPDPWSSD + 8 VPUNPCKLWD", DP UNP);
+    TIME("8 VPDPWSSD + 8 VPADDD", DP ADD);
+    TIME("8 VPDPWSSD + 16 VPADDD", DP ADD ADD);
+    TIME("8 VPDPWSSD + 8 VPUNPCKLWD + 8 VPADDD", DP UNP ADD);
+    TIME("8 VPDPWSSD + 8 VFMADD231PS", DP FMA);
+    TIME("8 VPDPWSSD + 8 VPERMW", DP PERM);
+    TIME("8 VPDPWSSD + 8 VMOVDQA32 (reg)", DP MOV);
+    TIME("8 VDPBF16PS + 8 VPUNPCKLWD", BF UNP);
+    return 0;
+}
