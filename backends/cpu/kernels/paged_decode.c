@@ -597,23 +597,23 @@ static inline __attribute__((always_inline)) void scores4_all(const uint16_t *q,
     }
 }
 
-/* dst[i] = the fp16 scale at rows[i] + off as fp32, for i < n (0 past n, up to 16 nu) */
-static inline void row_scales(const uint8_t *const *rows, int64_t off, int n, int nu, float *dst) {
-    uint16_t t[FT] = {0};
-    for (int i = 0; i < n; i++) memcpy(t + i, rows[i] + off, 2);
-    for (int u = 0; u < nu; u++) _mm512_storeu_ps(dst + 16 * u, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(t + 16 * u))));
-}
-
-/* row_scales in two halves, a head apart: the 2-byte copies, then (once those stores retired) the vector
- * conversion. Converted right after the copies, the vector load waited for the copies to retire, and so
- * did the softmax's chain behind it (C harness, int8 B1x4096 in cache, one thread: 0.550 -> 0.539 ms per
- * layer; scalar conversions one head early, the same; gathers, 0.577). */
+/* row_scales: dst[i] = the fp16 scale at rows[i] + off as fp32, for i < n (0 past n, up to 16 nu), in two
+ * halves: the copies of the 2-byte scales into t, then t converted */
 static inline void row_scales_copy(const uint8_t *const *rows, int64_t off, int n, uint16_t *t) {
     for (int i = 0; i < n; i++) memcpy(t + i, rows[i] + off, 2);
 }
 static inline void row_scales_convert(const uint16_t *t, int nu, float *dst) {
     for (int u = 0; u < nu; u++) _mm512_storeu_ps(dst + 16 * u, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(t + 16 * u))));
 }
+static inline void row_scales(const uint8_t *const *rows, int64_t off, int n, int nu, float *dst) {
+    uint16_t t[FT] = {0};
+    row_scales_copy(rows, off, n, t);
+    row_scales_convert(t, nu, dst);
+}
+/* softmax4's pipeline calls the two halves a head apart: converted right after the copies, the vector
+ * load waited for the 2-byte stores to retire, and so did the softmax's chain behind it (C harness, int8
+ * B1x4096 in cache, one thread: 0.550 -> 0.539 ms per layer; scalar conversions one head early, the
+ * same; gathers, 0.577). */
 
 /* st[i][r] = q_r . k_i for sixteen bf16 rows at once, rows in lanes: qt [D / 2][16] holds the rows'
  * query pairs, each key pair is broadcast; eight keys at a time, no horizontal sums */
