@@ -437,8 +437,10 @@ static inline size_t ws_per_head(int R4, int D, int Dv) {
  * instructions as int8's scores: 6-9% slower). */
 typedef struct {
     const char *p[2 * FT];   /* K regions of the tile's tokens, then their V regions */
-    int64_t klen, vlen;      /* bytes of one K / V region */
+    int64_t len[2 * FT];     /* bytes of each: a token's, or a run of a block's tokens when contiguous */
+    int64_t klen, vlen;      /* bytes of one token's K / V rows of the item's heads */
     int n, nk, idx;          /* regions, how many are K's, the one being walked */
+    int64_t lines;           /* lines of all regions, about (pacing) */
     int64_t off;             /* line at a time: bytes of it walked, from its first cache line */
     uintptr_t q, last;       /* four at a time: its next line and its last line */
     int rate, credit;        /* lines per compute step, and owed, in 1/16 lines */
@@ -448,7 +450,7 @@ static inline void pf_lines(pf_cursor *c, int lines) {  /* fields in locals: c's
     int idx = c->idx;
     int64_t off = c->off;
     while (lines > 0 && idx < c->n) {
-        const uintptr_t p = (uintptr_t)c->p[idx], len = (uintptr_t)(idx < c->nk ? c->klen : c->vlen);
+        const uintptr_t p = (uintptr_t)c->p[idx], len = (uintptr_t)c->len[idx];
         const uintptr_t first = (p & ~(uintptr_t)63) + (uintptr_t)off, last = (p + len - 1) & ~(uintptr_t)63;
         uintptr_t q = first;
         for (; q <= last && lines > 0; q += 64, lines--) _mm_prefetch((const char *)q, _MM_HINT_T1);
@@ -461,7 +463,7 @@ static inline void pf_lines(pf_cursor *c, int lines) {  /* fields in locals: c's
 static inline void pf_seek(pf_cursor *c, int idx) {  /* four at a time: c->q, c->last := region idx's lines */
     c->idx = idx;
     if (idx < c->n) {
-        const uintptr_t p = (uintptr_t)c->p[idx], len = (uintptr_t)(idx < c->nk ? c->klen : c->vlen);
+        const uintptr_t p = (uintptr_t)c->p[idx], len = (uintptr_t)c->len[idx];
         c->q = p & ~(uintptr_t)63;
         c->last = (p + len - 1) & ~(uintptr_t)63;
     }
@@ -507,19 +509,35 @@ static inline void item_keys(const decode_args *a, int b, int split, int *lo, in
     *lo = wlo > split * SPLIT ? wlo : split * SPLIT;
 }
 
-/* c := the K then V regions of tokens [t0, t1) of sequence b, heads from h0 (c->klen / vlen bytes each) */
+/* c := the K then V regions of tokens [t0, t1) of sequence b, heads from h0 (c->klen / vlen bytes per
+ * token). Where an item has every head, a block's tokens lie back to back: a run of them is one region
+ * (per tile, int8, 32 tokens: 4 regions instead of 64; their addresses one table lookup per block, not
+ * per token). */
 static inline void pf_fill(pf_cursor *c, const decode_args *a, int b, int h0, int t0, int t1) {
     const int32_t *table = a->block_table + (int64_t)b * a->bt_stride;
     const int64_t kb = (int64_t)a->bs * a->Hkv * a->k_width, vb = (int64_t)a->bs * a->Hkv * a->v_width;
     const int64_t kt = (int64_t)a->Hkv * a->k_width, vt = (int64_t)a->Hkv * a->v_width;
-    const int m = t1 > t0 ? t1 - t0 : 0;
-    for (int i = 0; i < m; i++) {
-        const int64_t blk = table[(t0 + i) / a->bs], off = (t0 + i) % a->bs;
-        c->p[i] = (const char *)(a->k + blk * kb + off * kt + (int64_t)h0 * a->k_width);
-        c->p[m + i] = (const char *)(a->v + blk * vb + off * vt + (int64_t)h0 * a->v_width);
+    const int whole = c->klen == kt && c->vlen == vt, mla = a->v == a->k;  /* MLA: V is part of K's rows */
+    int nk = 0, nv = 0;
+    const char *vp[FT];
+    int64_t vl[FT];
+    for (int t = t0; t < t1;) {
+        const int64_t blk = table[t / a->bs], off = t % a->bs;
+        const int run = whole ? (t1 - t < a->bs - off ? t1 - t : a->bs - off) : 1;
+        c->p[nk] = (const char *)(a->k + blk * kb + off * kt + (int64_t)h0 * a->k_width);
+        c->len[nk++] = run * c->klen;
+        vp[nv] = (const char *)(a->v + blk * vb + off * vt + (int64_t)h0 * a->v_width);
+        vl[nv++] = run * c->vlen;
+        t += run;
     }
-    c->nk = m;
-    c->n = a->v == a->k ? m : 2 * m;         /* MLA: V is part of K's rows, fetched once */
+    c->nk = nk;
+    c->n = nk;
+    for (int i = 0; !mla && i < nv; i++) {
+        c->p[c->n] = vp[i];
+        c->len[c->n++] = vl[i];
+    }
+    c->lines = 0;
+    for (int i = 0; i < c->n; i++) c->lines += c->len[i] / 64 + 1;
     c->off = 0;
     pf_seek(c, 0);
 }
@@ -1187,7 +1205,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
         }
         /* spread over both products of every head: per key of the scores, per token pair of P.V (pv4) */
         const int pv_steps = WIDE ? 0 : npairs * ((Dv + 63) / 64);
-        const int64_t pf_total = (int64_t)cur.nk * (cur.klen / 64 + 1) + (int64_t)(cur.n - cur.nk) * (cur.vlen / 64 + 1);
+        const int64_t pf_total = cur.n ? cur.lines : 0;
         /* done as the tile ends (int8 5% faster than done at 90%, bf16 and MLA 3-4%: no burst at its end) */
         cur.rate = (int)((pf_total * 16) / ((int64_t)NH * (n + pv_steps)) + 1);
         cur.credit = 0;
