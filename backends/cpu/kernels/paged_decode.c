@@ -564,8 +564,8 @@ static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int
         q3[c] = _mm512_loadu_si512(q + 3 * (size_t)D + c0 + 32 * c);
     }
     for (int i = 0; i < n; i++) {
-        if (pf && (!pf_four(KF) || (i & 1) || i == n - 1))  /* 8-bit rows: every second key, as pv4_int8 */
-            pf_step(pf, pf_four(KF) ? 2 - (~i & 1) : 1, pf_four(KF));
+        if (pf && (!pf_four(KF) || (i & 3) == 3 || i == n - 1))  /* 8-bit rows: every fourth key, as pv4_int8 */
+            pf_step(pf, pf_four(KF) ? (i & 3) + 1 : 1, pf_four(KF));
         if (!pf_four(KF) && i + L1_AHEAD < n)    /* 16-bit rows: the key L1_AHEAD on, from L2 into L1 */
             for (size_t l = 0; l < boff(KF, 32 * NC); l += 64)
                 _mm_prefetch((const char *)kh[i + L1_AHEAD] + boff(KF, c0) + l, _MM_HINT_T0);
@@ -808,8 +808,8 @@ static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d,
         for (int c = 0; c < 4; c++)
             x[r][c] = is_int(VF) ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + (size_t)r * Dv + d + 16 * c);
     for (int k = 0; k < npairs; k++) {
-        if (pf && (!pf_four(VF) || (k & 1) || k == npairs - 1))  /* 8-bit rows: every second pair, as pv4_int8 */
-            pf_step(pf, pf_four(VF) ? 2 - (~k & 1) : 1, pf_four(VF));
+        if (pf && (!pf_four(VF) || (k & 3) == 3 || k == npairs - 1))  /* 8-bit rows: every fourth pair, as pv4_int8 */
+            pf_step(pf, pf_four(VF) ? (k & 3) + 1 : 1, pf_four(VF));
         const uint8_t *va = vh[2 * k] + boff(VF, d), *vb = vh[2 * k + 1] + boff(VF, d);
         __m512i A0, B0, A1, B1;
         __m512i L0, H0, L1, H1;
@@ -848,8 +848,10 @@ static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d,
  * named and updated in place by VPDPWSSD. Through pv4's array, and through its casts from fp32 vectors,
  * gcc 12 kept the accumulators in two register sets and copied one into the other after every pair (30
  * moves and two stack round trips per 16 products): alone, with its rows in L1, P.V took 21.8 cycles
- * per key instead of 17.9 (16 is the products' bound). The prefetch cursor steps every second pair: its
- * branches cost about 3 cycles per key when stepped every pair. */
+ * per key instead of 17.9 (16 is the products' bound). The prefetch cursor steps every fourth pair (and
+ * scores4 every fourth key) for 8-bit rows: every pair cost about 3 cycles per key in its branches, and
+ * every fourth against every second, C harness, alternated rounds: int8 B8x4096 2.49 -> 2.42 ms per
+ * layer, fp8_e4m3 2.76 -> 2.53, fp8 in cache 0.329 -> 0.314; every eighth was slower again (int8 2.49). */
 #define DP_INPLACE(acc, a, b) __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
 static inline __attribute__((always_inline)) void pv4_int8(float *acc, int Dv, int d, const uint32_t *w,
                                                            const float *wscale, const uint8_t *const *vh,
@@ -857,7 +859,7 @@ static inline __attribute__((always_inline)) void pv4_int8(float *acc, int Dv, i
     __m512i x00 = _mm512_setzero_si512(), x01 = x00, x02 = x00, x03 = x00, x10 = x00, x11 = x00, x12 = x00, x13 = x00;
     __m512i x20 = x00, x21 = x00, x22 = x00, x23 = x00, x30 = x00, x31 = x00, x32 = x00, x33 = x00;
     for (int k = 0; k < npairs; k++) {
-        if (pf && ((k & 1) || k == npairs - 1)) pf_step(pf, 2 - (~k & 1), 1);
+        if (pf && ((k & 3) == 3 || k == npairs - 1)) pf_step(pf, (k & 3) + 1, 1);
         const uint8_t *va = vh[2 * k] + d, *vb = vh[2 * k + 1] + d;
         const __m512i A0 = ld32(va, FMT_INT8), B0 = ld32(vb, FMT_INT8), A1 = ld32(va + 32, FMT_INT8), B1 = ld32(vb + 32, FMT_INT8);
         const __m512i L0 = _mm512_unpacklo_epi16(A0, B0), H0 = _mm512_unpackhi_epi16(A0, B0);
