@@ -5,7 +5,7 @@
  * Each line times a loop of independent 512-bit instructions (no chains between them) and prints the
  * cycles one iteration takes, the clock taken from a chain of dependent VPADDD (one cycle each). A
  * mix's time against its parts' shows which instructions share execution pipes: two kinds that do
- * not share run in the time of the slower, two that do in the sum. Needs AVX512-VNNI and BF16.
+ * not share run in the time of the slower, two that do in the sum. Needs AVX512-VNNI, BF16 and VBMI.
  */
 #include <stdio.h>
 #include <time.h>
@@ -38,6 +38,9 @@ static char buf[256] __attribute__((aligned(64)));
 #define MOV "vmovdqa32 %%zmm22,%%zmm12\n vmovdqa32 %%zmm23,%%zmm12\n vmovdqa32 %%zmm22,%%zmm12\n vmovdqa32 %%zmm23,%%zmm12\n" \
             "vmovdqa32 %%zmm22,%%zmm12\n vmovdqa32 %%zmm23,%%zmm12\n vmovdqa32 %%zmm22,%%zmm12\n vmovdqa32 %%zmm23,%%zmm12\n"
 #define PERM X8("vpermw", "%%zmm22", "%%zmm23", 13)
+#define PERMT2B "vpermt2b %%zmm22,%%zmm23,%%zmm8\n vpermt2b %%zmm22,%%zmm23,%%zmm9\n vpermt2b %%zmm22,%%zmm23,%%zmm10\n" \
+                "vpermt2b %%zmm22,%%zmm23,%%zmm11\n vpermt2b %%zmm22,%%zmm23,%%zmm12\n vpermt2b %%zmm22,%%zmm23,%%zmm13\n" \
+                "vpermt2b %%zmm22,%%zmm23,%%zmm14\n vpermt2b %%zmm22,%%zmm23,%%zmm15\n"  /* (it reads its destination: one each) */
 
 static double ghz;
 
@@ -81,5 +84,25 @@ int main(void) {
     TIME("8 VPDPWSSD + 8 VPERMW", DP PERM);
     TIME("8 VPDPWSSD + 8 VMOVDQA32 (reg)", DP MOV);
     TIME("8 VDPBF16PS + 8 VPUNPCKLWD", BF UNP);
+    /* the alternatives for 8-bit rows (2026-11-29): VPDPBUSD on bytes, lane-crossing shuffles, in-lane work */
+    TIME("8 VPDPBUSD", "vpdpbusd %%zmm20,%%zmm21,%%zmm0\n vpdpbusd %%zmm20,%%zmm21,%%zmm1\n vpdpbusd %%zmm20,%%zmm21,%%zmm2\n"
+                       "vpdpbusd %%zmm20,%%zmm21,%%zmm3\n vpdpbusd %%zmm20,%%zmm21,%%zmm4\n vpdpbusd %%zmm20,%%zmm21,%%zmm5\n"
+                       "vpdpbusd %%zmm20,%%zmm21,%%zmm6\n vpdpbusd %%zmm20,%%zmm21,%%zmm7\n");
+    TIME("8 VPDPWSSD + 8 VPERMT2B", DP PERMT2B);
+    TIME("8 VPDPWSSD + 8 VSHUFI64X2", DP X8("vshufi64x2 $0x44,", "%%zmm22", "%%zmm23", 13));
+    TIME("8 VPDPWSSD + 8 VINSERTI64X4 (mem)", DP X8("vinserti64x4 $1,", "32(%0)", "%%zmm23", 13));
+    TIME("8 VPDPWSSD + 8 VPUNPCKLBW", DP X8("vpunpcklbw", "%%zmm22", "%%zmm23", 13));
+    TIME("8 VPDPWSSD + 8 VPXORD (mem)", DP X8("vpxord", "(%0)", "%%zmm23", 13));
+    TIME("8 VPDPWSSD + 8 VPSLLD", DP X8("vpslld", "$7", "%%zmm22", 13));
+    TIME("8 VPDPWSSD + 8 VPBROADCASTD (mem)", DP "vpbroadcastd (%0),%%zmm13\n vpbroadcastd 4(%0),%%zmm13\n vpbroadcastd 8(%0),%%zmm13\n"
+                                               "vpbroadcastd 12(%0),%%zmm13\n vpbroadcastd 16(%0),%%zmm13\n vpbroadcastd 20(%0),%%zmm13\n"
+                                               "vpbroadcastd 24(%0),%%zmm13\n vpbroadcastd 28(%0),%%zmm13\n");
+    TIME("8 VPDPWSSD, one operand from memory", "vpdpwssd (%0),%%zmm21,%%zmm0\n vpdpwssd 64(%0),%%zmm21,%%zmm1\n vpdpwssd 128(%0),%%zmm21,%%zmm2\n"
+                                                "vpdpwssd 192(%0),%%zmm21,%%zmm3\n vpdpwssd (%0),%%zmm21,%%zmm4\n vpdpwssd 64(%0),%%zmm21,%%zmm5\n"
+                                                "vpdpwssd 128(%0),%%zmm21,%%zmm6\n vpdpwssd 192(%0),%%zmm21,%%zmm7\n");
+    TIME("8 VPDPWSSD, one operand broadcast", "vpdpwssd (%0)%{1to16%},%%zmm21,%%zmm0\n vpdpwssd 4(%0)%{1to16%},%%zmm21,%%zmm1\n"
+                                              "vpdpwssd 8(%0)%{1to16%},%%zmm21,%%zmm2\n vpdpwssd 12(%0)%{1to16%},%%zmm21,%%zmm3\n"
+                                              "vpdpwssd 16(%0)%{1to16%},%%zmm21,%%zmm4\n vpdpwssd 20(%0)%{1to16%},%%zmm21,%%zmm5\n"
+                                              "vpdpwssd 24(%0)%{1to16%},%%zmm21,%%zmm6\n vpdpwssd 28(%0)%{1to16%},%%zmm21,%%zmm7\n");
     return 0;
 }
