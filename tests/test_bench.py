@@ -296,6 +296,31 @@ def test_measure_cuts_layers_of_a_slow_implementation_only() -> None:
     assert [len(v) for v in samples.values()] == [2, 2]
 
 
+def test_measure_alternates_hal_and_its_unquantized_twin_and_settles() -> None:
+    import time
+
+    from hal.bench.build import Impl
+    from hal.bench.runner import measure, round_order
+
+    order: list[str] = []
+    stamps: list[float] = []
+
+    def rec(name: str) -> Impl:
+        def run(_n: int) -> None:
+            order.append(name)
+            stamps.append(time.perf_counter())
+        return Impl(run, lambda: None, 1, 1)
+
+    names = ["hal", "hal-bf16", "memcpy", "sdpa"]
+    impls = {n: rec(n) for n in names}
+    sizes = dataclasses.replace(TINY, min_reps=4, max_reps=4, settle_s=0.02)
+    samples, errors, used = measure(impls, 1, lambda: None, sizes)
+    assert not errors and all(len(v) == 4 for v in samples.values())
+    assert order == (names + ["hal-bf16", "hal", "memcpy", "sdpa"]) * 2
+    assert min(b - a for a, b in zip(stamps, stamps[1:])) >= 0.02  # a pause before every timed run
+    assert round_order(["hal", "sdpa", "memcpy"], 1) == ["hal", "sdpa", "memcpy"]  # no twin: as given
+
+
 def _build_tool(tmp_path: Path, source: str, *flags: str) -> Path:
     """Compiles tools/<source> with the machine's C compiler (skips without one); returns the program."""
     import shutil

@@ -82,6 +82,7 @@ class Sizes:
     matmul_n: int
     memory_fraction: float = 0.4  # skip a case whose buffers would need more of the memory
     max_layers: int = 2048
+    settle_s: float = 0.05  # a pause before each timed implementation run (see runner.measure)
 
     def working_set(self, llc: int | None) -> int:
         ws = max(self.min_working_set, self.llc_factor * (llc or 0))
@@ -102,7 +103,8 @@ QUICK = Sizes("quick", decode=((8, 4096), (1, 1024)), decode_kv_dtypes=("auto", 
               matmul_n=2048)
 TINY = Sizes("tiny", decode=((2, 64),), decode_kv_dtypes=("auto", "int8"), prefill=(64,), mla=((1, 128),),
              mla_kv_dtypes=("auto",), min_working_set=A.MiB, llc_factor=0, max_working_set=A.MiB, min_reps=2,
-             max_reps=2, budget_s=0.0, impl_budget_s=None, case_limit_s=60.0, probe_reps=2, probe_buffer=8 * A.MiB, matmul_n=128)
+             max_reps=2, budget_s=0.0, impl_budget_s=None, case_limit_s=60.0, probe_reps=2, probe_buffer=8 * A.MiB, matmul_n=128,
+             settle_s=0.0)
 
 
 def _kv_label(kv_dtype: str, dtype: str) -> str:
