@@ -43,13 +43,12 @@ static double uniform(uint64_t *s) {
     return (double)(*s >> 11) / 9007199254740992.0;
 }
 static float gauss(uint64_t *s) { return (float)(uniform(s) + uniform(s) + uniform(s) - 1.5) * 2.0f; }
-static uint16_t bf16_of(float f) { uint32_t u; memcpy(&u, &f, 4); return (uint16_t)(u >> 16); }
 static void fill_random(uint8_t *buf, size_t bytes, int64_t width, int D, int fmt, uint64_t *s) {
     for (size_t r = 0; r + (size_t)width <= bytes; r += (size_t)width) {
         uint8_t *row = buf + r;
         for (int d = 0; d < D; d++) {
             const float x = gauss(s);
-            if (fmt == FMT_BF16) { const uint16_t b = bf16_of(x); memcpy(row + 2 * d, &b, 2); }
+            if (fmt == FMT_BF16) { const uint16_t b = f32_to_bf16(x); memcpy(row + 2 * d, &b, 2); }
             else if (fmt == FMT_INT8) { const float v = x * 40.f; row[d] = (uint8_t)(int8_t)(v > 127 ? 127 : v < -127 ? -127 : v); }
             else if (fmt == FMT_E4M3) { const int e = 4 + (int)(uniform(s) * 7), m = (int)(uniform(s) * 8);
                                         row[d] = (uint8_t)((x < 0) << 7 | e << 3 | m); }
@@ -68,6 +67,10 @@ int main(int argc, char **argv) {
     const int B = atoi(argv[2]), S = atoi(argv[3]), L = atoi(argv[4]), threads = atoi(argv[5]);
     const int fmt = parse_format(argv[6]), reps = atoi(argv[7]), rnd = argc > 8 && !strcmp(argv[8], "random");
     uint64_t seed = 88172645463325252ULL;
+    if (argc > 8 && !rnd) {
+        fprintf(stderr, "DATA must be 'random' (or left out for the fixed pattern), not '%s'\n", argv[8]);
+        return 2;
+    }
     if (fmt < FMT_BF16 || B < 1 || S < 1 || L < 1 || threads < 1 || reps < 1) {
         fprintf(stderr, "FORMAT must be bf16, int8, fp8_e4m3, fp8_e5m2, int6 or int4; the counts positive\n");
         return 2;
@@ -104,7 +107,7 @@ int main(int argc, char **argv) {
     for (int b = 0; b < B; b++) { seq_lens[b] = S; active[b] = 1; }
     uint16_t *q = malloc(sizeof(uint16_t) * (size_t)B * Hq * D), *out = malloc(sizeof(uint16_t) * (size_t)B * Hq * Dv);
     for (size_t i = 0; i < (size_t)B * Hq * D; i++)  /* bf16 1.0 .. 1.05, or N(0, 1) */
-        q[i] = rnd ? bf16_of(gauss(&seed)) : (uint16_t)(0x3f80 + (i & 7));
+        q[i] = rnd ? f32_to_bf16(gauss(&seed)) : (uint16_t)(0x3f80 + (i & 7));
     float scales[8] = {1, 1, 1, 1, 1, 1, 1, 1};
     decode_args a = {0};
     a.q = q; a.out = out; a.block_table = table; a.seq_lens = seq_lens; a.cu_q = cu_q; a.active = active;

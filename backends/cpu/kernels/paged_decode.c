@@ -1218,10 +1218,11 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             pf_fill(&cur, a, next->b, next->h0, nlo, nlo + ft < nhi ? nlo + ft : nhi);
         } else {
             cur.n = cur.nk = 0;
+            cur.lines = 0;
         }
         /* spread over both products of every head: per key of the scores, per token pair of P.V (pv4) */
         const int pv_steps = WIDE ? 0 : npairs * ((Dv + 63) / 64);
-        const int64_t pf_total = cur.n ? cur.lines : 0;
+        const int64_t pf_total = cur.lines;
         /* done as the tile ends (int8 5% faster than done at 90%, bf16 and MLA 3-4%: no burst at its end) */
         cur.rate = (int)((pf_total * 16) / ((int64_t)NH * (n + pv_steps)) + 1);
         cur.credit = 0;
