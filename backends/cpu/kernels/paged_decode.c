@@ -550,11 +550,22 @@ static inline void pf_fill(pf_cursor *c, const decode_args *a, int b, int h0, in
  * 5% in cache. */
 enum { L1_AHEAD = 8 };
 
+/* where scores4 copies each key's fp16 row scales for softmax4 (row-scaled formats): kt[i] from
+ * kh[i] + koff, vt[i] from vr[i] + voff. Beside the products their loads and stores are nearly free;
+ * in loops of their own (row_scales_copy) they took ~6% of int8's time in cache. C harness, alternated
+ * rounds: int8 in cache, one thread, 0.513 -> 0.492 ms per layer; B8x4096 streamed 2.47 -> 2.38 */
+typedef struct {
+    const uint8_t *const *vr;
+    int64_t koff, voff;
+    uint16_t *kt, *vt;
+} scale_copy;
+
 /* st[i][r] (+)= q_r . k_i for four rows r over the tile's n keys, dims [c0, c0 + 32 NC): token-major,
  * one 4-wide store per key; rows4() turns it into rows */
+
 static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int D, int c0, const int NC,
                                                           const uint8_t *const *kh, int n, const int KF, float *s,
-                                                          int first, pf_cursor *pf) {
+                                                          int first, pf_cursor *pf, const scale_copy *sc) {
     __m512i q0[4], q1[4], q2[4], q3[4];      /* (past NC: zero, never read; for gcc's flow analysis) */
     for (int c = NC; c < 4; c++) q0[c] = q1[c] = q2[c] = q3[c] = _mm512_setzero_si512();
     for (int c = 0; c < NC; c++) {
@@ -569,6 +580,10 @@ static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int
         if (!pf_four(KF) && i + L1_AHEAD < n)    /* 16-bit rows: the key L1_AHEAD on, from L2 into L1 */
             for (size_t l = 0; l < boff(KF, 32 * NC); l += 64)
                 _mm_prefetch((const char *)kh[i + L1_AHEAD] + boff(KF, c0) + l, _MM_HINT_T0);
+        if (sc) {                                /* the key's two row scales, beside its products */
+            memcpy(sc->kt + i, kh[i] + sc->koff, 2);
+            memcpy(sc->vt + i, sc->vr[i] + sc->voff, 2);
+        }
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int c = 0; c < NC; c++) {
             __m512i kv;
@@ -603,14 +618,16 @@ static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int
 
 /* scores4 over the whole head dim, 128 dims (four 32-dim chunks in registers) at a time */
 static inline __attribute__((always_inline)) void scores4_all(const uint16_t *q, int D, const uint8_t *const *kh, int n,
-                                                              const int KF, float *s, pf_cursor *pf) {
+                                                              const int KF, float *s, pf_cursor *pf,
+                                                              const scale_copy *sc) {
     for (int c0 = 0; c0 < D; c0 += 128) {
         pf_cursor *p = c0 == 0 ? pf : NULL;
+        const scale_copy *z = c0 == 0 ? sc : NULL;
         switch ((D - c0) / 32 < 4 ? (D - c0) / 32 : 4) {
-        case 1: scores4(q, D, c0, 1, kh, n, KF, s, c0 == 0, p); break;
-        case 2: scores4(q, D, c0, 2, kh, n, KF, s, c0 == 0, p); break;
-        case 3: scores4(q, D, c0, 3, kh, n, KF, s, c0 == 0, p); break;
-        default: scores4(q, D, c0, 4, kh, n, KF, s, c0 == 0, p); break;
+        case 1: scores4(q, D, c0, 1, kh, n, KF, s, c0 == 0, p, z); break;
+        case 2: scores4(q, D, c0, 2, kh, n, KF, s, c0 == 0, p, z); break;
+        case 3: scores4(q, D, c0, 3, kh, n, KF, s, c0 == 0, p, z); break;
+        default: scores4(q, D, c0, 4, kh, n, KF, s, c0 == 0, p, z); break;
         }
     }
 }
@@ -628,10 +645,10 @@ static inline void row_scales(const uint8_t *const *rows, int64_t off, int n, in
     row_scales_copy(rows, off, n, t);
     row_scales_convert(t, nu, dst);
 }
-/* softmax4's pipeline calls the two halves a head apart: converted right after the copies, the vector
- * load waited for the 2-byte stores to retire, and so did the softmax's chain behind it (C harness, int8
- * B1x4096 in cache, one thread: 0.550 -> 0.539 ms per layer; scalar conversions one head early, the
- * same; gathers, 0.577). */
+/* softmax4's pipeline converts a head's scales (copied by scores4, see scale_copy) a head later:
+ * converted right after the copies, the vector load waited for the 2-byte stores to retire, and so did
+ * the softmax's chain behind it (C harness, int8 B1x4096 in cache, one thread: 0.550 -> 0.539 ms per
+ * layer; scalar conversions one head early, the same; gathers, 0.577). */
 
 /* st[i][r] = q_r . k_i for sixteen bf16 rows at once, rows in lanes: qt [D / 2][16] holds the rows'
  * query pairs, each key pair is broadcast; eight keys at a time, no horizontal sums */
@@ -1246,13 +1263,12 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 const int h = h0 + hh;
                 const uint16_t *qb = WS_Q(hh);
                 for (int i = 0; i < n; i++) kh[i] = krow[i] + (int64_t)h * a->k_width;
+                /* head hh's rows' fp16 scales, copied with its first rows' scores, converted one head on */
+                const scale_copy sc = {vrow, a->k_width - 2, (int64_t)h * a->v_width + a->v_width - 2, kt16[hh & 1],
+                                       vt16[hh & 1]};
                 for (int r = 0; r < R4; r += 4)
-                    scores4_all(qb + (size_t)r * D, D, kh, n, KF, WS_S(hh & 1) + (size_t)r * FT, r == 0 ? &cur : NULL);
-            }
-            if (hh < NH && row_scaled(KF)) {     /* head hh's rows' fp16 scales, converted one head on */
-                const int64_t h = h0 + hh;
-                row_scales_copy(krow, h * a->k_width + a->k_width - 2, n, kt16[hh & 1]);
-                row_scales_copy(vrow, h * a->v_width + a->v_width - 2, n, vt16[hh & 1]);
+                    scores4_all(qb + (size_t)r * D, D, kh, n, KF, WS_S(hh & 1) + (size_t)r * FT, r == 0 ? &cur : NULL,
+                                r == 0 && row_scaled(KF) ? &sc : NULL);
             }
             if (hh > 0 && hh <= NH) {
                 const int hp = hh - 1, h = h0 + hp;
@@ -1308,7 +1324,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 rows4(s + (size_t)r * FT, st, n);
             }
             for (int r = 0; !use_t && !WIDE && r < R4; r += 4) {
-                scores4_all(qb + (size_t)r * D, D, kh, n, KF, st, r == 0 ? &cur : NULL);
+                scores4_all(qb + (size_t)r * D, D, kh, n, KF, st, r == 0 ? &cur : NULL, NULL);
                 rows4(s + (size_t)r * FT, st, n);
             }
             /* softmax update per row over the tile (two halves of 16); the weights as bf16 (int8 rows:
