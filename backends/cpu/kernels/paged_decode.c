@@ -879,8 +879,11 @@ static inline __attribute__((always_inline)) void pv4_int8(float *acc, int Dv, i
         if (pf && ((k & 3) == 3 || k == npairs - 1)) pf_step(pf, (k & 3) + 1, 1);
         const uint8_t *va = vh[2 * k] + d, *vb = vh[2 * k + 1] + d;
         const __m512i A0 = ld32(va, FMT_INT8), B0 = ld32(vb, FMT_INT8), A1 = ld32(va + 32, FMT_INT8), B1 = ld32(vb + 32, FMT_INT8);
-        const __m512i L0 = _mm512_unpacklo_epi16(A0, B0), H0 = _mm512_unpackhi_epi16(A0, B0);
-        const __m512i L1 = _mm512_unpacklo_epi16(A1, B1), H1 = _mm512_unpackhi_epi16(A1, B1);
+        __m512i L0 = _mm512_unpacklo_epi16(A0, B0), H0 = _mm512_unpackhi_epi16(A0, B0);
+        __m512i L1 = _mm512_unpacklo_epi16(A1, B1), H1 = _mm512_unpackhi_epi16(A1, B1);
+        __asm__("" : "+v"(L0), "+v"(H0), "+v"(L1), "+v"(H1));  /* else gcc 12 stored L0 to the stack and
+                                                                * reloaded it every pair (in cache, one thread:
+                                                                * 0.493 -> 0.485 ms per layer) */
         const uint32_t *wk = w + 4 * (size_t)k;
 #define PV_ROW(r)                                                                                    \
         {                                                                                            \
