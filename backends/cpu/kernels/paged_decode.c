@@ -1267,11 +1267,16 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 const uint16_t *qb = WS_Q(hh);
                 for (int i = 0; i < n; i++) kh[i] = krow[i] + (int64_t)h * a->k_width;
                 /* head hh's rows' fp16 scales, copied with its first rows' scores, converted one head on */
-                const scale_copy sc = {vrow, a->k_width - 2, (int64_t)h * a->v_width + a->v_width - 2, kt16[hh & 1],
-                                       vt16[hh & 1]};
-                for (int r = 0; r < R4; r += 4)
-                    scores4_all(qb + (size_t)r * D, D, kh, n, KF, WS_S(hh & 1) + (size_t)r * FT, r == 0 ? &cur : NULL,
-                                r == 0 && row_scaled(KF) ? &sc : NULL);
+                if (row_scaled(KF)) {
+                    const scale_copy sc = {vrow, a->k_width - 2, (int64_t)h * a->v_width + a->v_width - 2, kt16[hh & 1],
+                                           vt16[hh & 1]};
+                    for (int r = 0; r < R4; r += 4)
+                        scores4_all(qb + (size_t)r * D, D, kh, n, KF, WS_S(hh & 1) + (size_t)r * FT, r == 0 ? &cur : NULL,
+                                    r == 0 ? &sc : NULL);
+                } else
+                    for (int r = 0; r < R4; r += 4)
+                        scores4_all(qb + (size_t)r * D, D, kh, n, KF, WS_S(hh & 1) + (size_t)r * FT, r == 0 ? &cur : NULL,
+                                    NULL);
             }
             if (hh > 0 && hh <= NH) {
                 const int hp = hh - 1, h = h0 + hp;
