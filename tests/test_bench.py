@@ -338,7 +338,7 @@ def _build_tool(tmp_path: Path, source: str, *flags: str) -> Path:
 
 
 def test_decode_harness_builds_and_times_the_kernel(tmp_path: Path) -> None:
-    # tools/decode_harness.c: the kernel alone, from C (the README's "why" measurements)
+    # tools/decode_harness.c: the kernel alone, from C (docs/speed-notes.md's measurements)
     exe = _build_tool(tmp_path, "decode_harness.c", "-fopenmp", "-I", "{root}/backends/cpu/kernels")
     for args in (["gqa", "2", "64", "1", "1", "bf16", "1"], ["mla", "1", "128", "1", "1", "bf16", "1"]):
         res = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
@@ -350,7 +350,7 @@ def test_decode_harness_builds_and_times_the_kernel(tmp_path: Path) -> None:
 
 
 def test_prefetch_probe_builds_and_streams(tmp_path: Path) -> None:
-    # tools/prefetch_probe.c: the streaming loops behind the README's "Headroom in the memory path"
+    # tools/prefetch_probe.c: the streaming loops behind docs/speed-notes.md's "Headroom in the memory path"
     exe = _build_tool(tmp_path, "prefetch_probe.c", "-Wall", "-Werror")
     for args in (["chunks", "65536", "4", "1", "1"], ["chunks", "16384", "-1", "0", "2"], ["tiles", "1"]):
         res = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)

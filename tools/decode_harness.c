@@ -1,4 +1,4 @@
-/* The cpu decode kernel alone, timed from C: the measurements behind the README's "why" notes.
+/* The cpu decode kernel alone, timed from C: the measurements behind docs/speed-notes.md.
  *
  *   gcc -O3 -march=native -fopenmp -std=c11 -I backends/cpu/kernels tools/decode_harness.c -o /tmp/dh -lm
  *   /tmp/dh [gqa|mla] BATCH CONTEXT LAYERS THREADS FORMAT REPS [random]

@@ -1,4 +1,4 @@
-/* How this CPU streams a paged KV cache: the loops behind the README's "Headroom in the memory path".
+/* How this CPU streams a paged KV cache: the loops behind docs/speed-notes.md's "Headroom in the memory path".
  *
  *   gcc -O2 -march=native -std=c11 tools/prefetch_probe.c -o /tmp/pp
  *   /tmp/pp chunks CHUNK BURST WORK AHEAD   # 512 MiB read as CHUNK-byte chunks in random order

@@ -1,4 +1,4 @@
-/* What this core's vector units do per cycle: the pipe model behind the README's "Compute per row".
+/* What this core's vector units do per cycle: the pipe model behind docs/speed-notes.md's "Compute per row".
  *
  *   gcc -O2 -march=native tools/vector_ports.c -o /tmp/vp && /tmp/vp
  *
