@@ -562,7 +562,6 @@ typedef struct {
 
 /* st[i][r] (+)= q_r . k_i for four rows r over the tile's n keys, dims [c0, c0 + 32 NC): token-major,
  * one 4-wide store per key; rows4() turns it into rows */
-
 static inline __attribute__((always_inline)) void scores4(const uint16_t *q, int D, int c0, const int NC,
                                                           const uint8_t *const *kh, int n, const int KF, float *s,
                                                           int first, pf_cursor *pf, const scale_copy *sc) {
@@ -1266,7 +1265,9 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 const int h = h0 + hh;
                 const uint16_t *qb = WS_Q(hh);
                 for (int i = 0; i < n; i++) kh[i] = krow[i] + (int64_t)h * a->k_width;
-                /* head hh's rows' fp16 scales, copied with its first rows' scores, converted one head on */
+                /* head hh's rows' fp16 scales, copied with its first rows' scores, converted one head on.
+                 * Two calls, not one with the struct built for every format: that made fp8's item
+                 * function 5% slower in cache through code generation alone */
                 if (row_scaled(KF)) {
                     const scale_copy sc = {vrow, a->k_width - 2, (int64_t)h * a->v_width + a->v_width - 2, kt16[hh & 1],
                                            vt16[hh & 1]};
