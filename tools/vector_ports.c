@@ -24,23 +24,22 @@ static char buf[256] __attribute__((aligned(64)));
     op " " a "," b ",%%zmm" #d0 "\n" op " " a "," b ",%%zmm" #d0 "\n" op " " a "," b ",%%zmm" #d0 "\n" \
     op " " a "," b ",%%zmm" #d0 "\n" op " " a "," b ",%%zmm" #d0 "\n" op " " a "," b ",%%zmm" #d0 "\n" \
     op " " a "," b ",%%zmm" #d0 "\n" op " " a "," b ",%%zmm" #d0 "\n"
-#define DP "vpdpwssd %%zmm20,%%zmm21,%%zmm0\n vpdpwssd %%zmm20,%%zmm21,%%zmm1\n vpdpwssd %%zmm20,%%zmm21,%%zmm2\n" \
-           "vpdpwssd %%zmm20,%%zmm21,%%zmm3\n vpdpwssd %%zmm20,%%zmm21,%%zmm4\n vpdpwssd %%zmm20,%%zmm21,%%zmm5\n" \
-           "vpdpwssd %%zmm20,%%zmm21,%%zmm6\n vpdpwssd %%zmm20,%%zmm21,%%zmm7\n"
-#define BF "vdpbf16ps %%zmm20,%%zmm21,%%zmm0\n vdpbf16ps %%zmm20,%%zmm21,%%zmm1\n vdpbf16ps %%zmm20,%%zmm21,%%zmm2\n" \
-           "vdpbf16ps %%zmm20,%%zmm21,%%zmm3\n vdpbf16ps %%zmm20,%%zmm21,%%zmm4\n vdpbf16ps %%zmm20,%%zmm21,%%zmm5\n" \
-           "vdpbf16ps %%zmm20,%%zmm21,%%zmm6\n vdpbf16ps %%zmm20,%%zmm21,%%zmm7\n"
+/* eight of a kind that read their destination, one accumulator each: zmm0-7 or zmm8-15 */
+#define ACC8(op, a, b, r0, r1, r2, r3, r4, r5, r6, r7)                                                   \
+    op " " a "," b ",%%zmm" #r0 "\n" op " " a "," b ",%%zmm" #r1 "\n" op " " a "," b ",%%zmm" #r2 "\n" \
+    op " " a "," b ",%%zmm" #r3 "\n" op " " a "," b ",%%zmm" #r4 "\n" op " " a "," b ",%%zmm" #r5 "\n" \
+    op " " a "," b ",%%zmm" #r6 "\n" op " " a "," b ",%%zmm" #r7 "\n"
+#define ACC_LO(op, a, b) ACC8(op, a, b, 0, 1, 2, 3, 4, 5, 6, 7)
+#define ACC_HI(op, a, b) ACC8(op, a, b, 8, 9, 10, 11, 12, 13, 14, 15)
+#define DP ACC_LO("vpdpwssd", "%%zmm20", "%%zmm21")
+#define BF ACC_LO("vdpbf16ps", "%%zmm20", "%%zmm21")
 #define UNP X8("vpunpcklwd", "%%zmm22", "%%zmm23", 9)
 #define ADD X8("vpaddd", "%%zmm22", "%%zmm23", 10)
-#define FMA "vfmadd231ps %%zmm22,%%zmm23,%%zmm8\n vfmadd231ps %%zmm22,%%zmm23,%%zmm9\n vfmadd231ps %%zmm22,%%zmm23,%%zmm10\n" \
-            "vfmadd231ps %%zmm22,%%zmm23,%%zmm11\n vfmadd231ps %%zmm22,%%zmm23,%%zmm12\n vfmadd231ps %%zmm22,%%zmm23,%%zmm13\n" \
-            "vfmadd231ps %%zmm22,%%zmm23,%%zmm14\n vfmadd231ps %%zmm22,%%zmm23,%%zmm15\n"  /* (accumulators: one each) */
+#define FMA ACC_HI("vfmadd231ps", "%%zmm22", "%%zmm23")
 #define MOV "vmovdqa32 %%zmm22,%%zmm12\n vmovdqa32 %%zmm23,%%zmm12\n vmovdqa32 %%zmm22,%%zmm12\n vmovdqa32 %%zmm23,%%zmm12\n" \
             "vmovdqa32 %%zmm22,%%zmm12\n vmovdqa32 %%zmm23,%%zmm12\n vmovdqa32 %%zmm22,%%zmm12\n vmovdqa32 %%zmm23,%%zmm12\n"
 #define PERM X8("vpermw", "%%zmm22", "%%zmm23", 13)
-#define PERMT2B "vpermt2b %%zmm22,%%zmm23,%%zmm8\n vpermt2b %%zmm22,%%zmm23,%%zmm9\n vpermt2b %%zmm22,%%zmm23,%%zmm10\n" \
-                "vpermt2b %%zmm22,%%zmm23,%%zmm11\n vpermt2b %%zmm22,%%zmm23,%%zmm12\n vpermt2b %%zmm22,%%zmm23,%%zmm13\n" \
-                "vpermt2b %%zmm22,%%zmm23,%%zmm14\n vpermt2b %%zmm22,%%zmm23,%%zmm15\n"  /* (it reads its destination: one each) */
+#define PERMT2B ACC_HI("vpermt2b", "%%zmm22", "%%zmm23")  /* (it reads its destination: one each) */
 
 static double ghz;
 
@@ -85,9 +84,7 @@ int main(void) {
     TIME("8 VPDPWSSD + 8 VMOVDQA32 (reg)", DP MOV);
     TIME("8 VDPBF16PS + 8 VPUNPCKLWD", BF UNP);
     /* the alternatives for 8-bit rows (2026-11-29): VPDPBUSD on bytes, lane-crossing shuffles, in-lane work */
-    TIME("8 VPDPBUSD", "vpdpbusd %%zmm20,%%zmm21,%%zmm0\n vpdpbusd %%zmm20,%%zmm21,%%zmm1\n vpdpbusd %%zmm20,%%zmm21,%%zmm2\n"
-                       "vpdpbusd %%zmm20,%%zmm21,%%zmm3\n vpdpbusd %%zmm20,%%zmm21,%%zmm4\n vpdpbusd %%zmm20,%%zmm21,%%zmm5\n"
-                       "vpdpbusd %%zmm20,%%zmm21,%%zmm6\n vpdpbusd %%zmm20,%%zmm21,%%zmm7\n");
+    TIME("8 VPDPBUSD", ACC_LO("vpdpbusd", "%%zmm20", "%%zmm21"));
     TIME("8 VPDPWSSD + 8 VPERMT2B", DP PERMT2B);
     TIME("8 VPDPWSSD + 8 VSHUFI64X2", DP X8("vshufi64x2 $0x44,", "%%zmm22", "%%zmm23", 13));
     TIME("8 VPDPWSSD + 8 VINSERTI64X4 (mem)", DP X8("vinserti64x4 $1,", "32(%0)", "%%zmm23", 13));
