@@ -552,7 +552,7 @@ enum { L1_AHEAD = 8 };
 
 /* where scores4 copies each key's fp16 row scales for softmax4 (row-scaled formats): kt[i] from
  * kh[i] + koff, vt[i] from vr[i] + voff. Beside the products their loads and stores are nearly free;
- * in loops of their own (row_scales_copy) they took ~6% of int8's time in cache. C harness, alternated
+ * in loops of their own they took ~6% of int8's time in cache. C harness, alternated
  * rounds: int8 in cache, one thread, 0.513 -> 0.492 ms per layer; B8x4096 streamed 2.47 -> 2.38 */
 typedef struct {
     const uint8_t *const *vr;
@@ -631,17 +631,14 @@ static inline __attribute__((always_inline)) void scores4_all(const uint16_t *q,
     }
 }
 
-/* row_scales: dst[i] = the fp16 scale at rows[i] + off as fp32, for i < n (0 past n, up to 16 nu), in two
- * halves: the copies of the 2-byte scales into t, then t converted */
-static inline void row_scales_copy(const uint8_t *const *rows, int64_t off, int n, uint16_t *t) {
-    for (int i = 0; i < n; i++) memcpy(t + i, rows[i] + off, 2);
-}
+/* row_scales: dst[i] = the fp16 scale at rows[i] + off as fp32, for i < n (0 past n, up to 16 nu): the
+ * 2-byte scales copied into t, then t converted (row_scales_convert, alone where scores4 did the copies) */
 static inline void row_scales_convert(const uint16_t *t, int nu, float *dst) {
     for (int u = 0; u < nu; u++) _mm512_storeu_ps(dst + 16 * u, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(t + 16 * u))));
 }
 static inline void row_scales(const uint8_t *const *rows, int64_t off, int n, int nu, float *dst) {
     uint16_t t[FT] = {0};
-    row_scales_copy(rows, off, n, t);
+    for (int i = 0; i < n; i++) memcpy(t + i, rows[i] + off, 2);
     row_scales_convert(t, nu, dst);
 }
 /* softmax4's pipeline converts a head's scales (copied by scores4, see scale_copy) a head later:
