@@ -116,8 +116,7 @@ def attention(q: Any, k: Any, v: Any, *, cu_seqlens_q: Any = None, cu_seqlens_k:
 # hold each option's type beside its value (True == 1 == 1.0 as dict keys) and only plain Python
 # scalars (mla_attention also keys q_rope's shape, dtype and device); calls with alibi_slopes or sinks
 # tensors always run every check.
-_PLAIN = (type(None), bool, int, float)
-_META = (torch.Size, torch.dtype, torch.device)
+_KEYABLE = frozenset((type(None), bool, int, float, torch.Size, torch.dtype, torch.device))
 _MAX_CHECKED = 64  # remembered call kinds per cache; more forget them all and start again
 
 
@@ -127,7 +126,7 @@ def _call_key(q: torch.Tensor, alibi_slopes: Any, sinks: Any, *options: Any) -> 
     if alibi_slopes is not None or sinks is not None:
         return None
     types = tuple(map(type, options))
-    if not all(t in _PLAIN or t in _META for t in types):
+    if not _KEYABLE.issuperset(types):
         return None
     return q.shape, q.dtype, q.device, options, types
 

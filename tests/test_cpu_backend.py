@@ -207,6 +207,52 @@ def test_native_decode_splits_long_sequences_exactly(opts: dict) -> None:
     assert torch.equal(alone, out[:1])  # batch invariance with splits
 
 
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_decode_call_prepared_once_per_plan_serves_each_layer_option_and_cache(monkeypatch: pytest.MonkeyPatch,
+                                                                              kv_dtype: str) -> None:
+    """A decode step's kernel arguments are built once per plan, cache and option set and reused by every
+    layer: each layer, option set and cache sharing the plan still gets its own result."""
+    native = pytest.importorskip("hal.backends.cpu.kernels.paged_decode")
+    seq_lens, q_lens, bs = [70, 9, 33], [1, 2, 1], 16
+    gen = torch.Generator().manual_seed(21)
+    caches = []
+    for _ in range(2):  # two caches of one geometry, different contents: one plan serves both
+        cache, table, cu, q, nb = _random_paged(torch.Generator().manual_seed(len(caches)), seq_lens, q_lens, bs, 8,
+                                                kv_dtype)
+        caches.append(cache)
+    if not native.applies(caches[0].storage, q):
+        pytest.skip("native kernels unavailable: " + hal.backends.cpu.kernels.status("paged_decode"))
+    q = torch.randn(q.shape, generator=gen).bfloat16()
+    plan = hal.plan(cu, torch.tensor(seq_lens, dtype=torch.int32), table, caches[0])
+    built = []
+    template = native._template
+    monkeypatch.setattr(native, "_template", lambda *a, **k: built.append(1) or template(*a, **k))
+    option_sets = [{"causal": True}, {"causal": True, "window_left": 4}, {"causal": True, "softcap": 2.0, "scale": 0.7}]
+    for _ in range(2):  # the second pass builds nothing
+        for cache in caches:
+            for opts in option_sets:
+                for with_lse in (False, True):
+                    kc, vc = cache.read(0, range(nb), dtype="fp64")
+                    want, want_lse = paged_attention_reference(q, kc, vc, cu, seq_lens, table, **opts)
+                    out, lse = hal.paged_attention(q, cache, 0, plan, return_lse=True, **opts)
+                    assert (out.double() - want).abs().max() < 3e-2
+                    assert (lse.double() - want_lse).abs().max() < 1e-4
+                    plain = hal.paged_attention(q, cache, 0, plan, **opts)
+                    assert torch.equal(plain, out)
+    assert len(built) == len(caches) * len(option_sets) * 2  # per cache, option set and return_lse
+    cache2 = hal.KVCache(hal.KVCacheSpec(2, 2, 64, block_size=bs, dtype="bf16", kv_dtype=kv_dtype), nb)
+    for layer in range(2):
+        cache2.write(layer, torch.randn(nb * bs, 2, 64, generator=gen).bfloat16(),
+                     torch.randn(nb * bs, 2, 64, generator=gen).bfloat16(), torch.arange(nb * bs))
+    outs = []
+    for layer in (0, 1, 0):
+        kc, vc = cache2.read(layer, range(nb), dtype="fp64")
+        want, _ = paged_attention_reference(q, kc, vc, cu, seq_lens, table)
+        outs.append(hal.paged_attention(q, cache2, layer, plan))
+        assert (outs[-1].double() - want).abs().max() < 3e-2
+    assert torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("kv_dtype", ["int8", "int6", "int4", "fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("opts", OPTION_SETS[:3] + OPTION_SETS[-1:], ids=lambda o: "-".join(sorted(o)))
 def test_native_decode_of_quantized_rows_matches_torch_and_reference(monkeypatch: pytest.MonkeyPatch, kv_dtype: str,

@@ -169,6 +169,9 @@ def paged_attention(q: torch.Tensor, cache: CpuKVStorage, layer: int, plan: Plan
     """q [T, Hq, D] over the blocks of ``layer`` -> out [T, Hq, Dv], lse [T, Hq]. An MLA cache (one
     component, the row [c_kv; k_pe]) serves as MQA whose value is the row's first Dv = R channels.
     Decode-shaped and long query runs go to the native kernels when they apply (per sequence)."""
+    launch = native_decode.launch(cache, plan, q, p, return_lse)
+    if launch is not None:  # every sequence on the native kernel (a decode step): prepared once per plan
+        return launch(q, cache, layer)
     bs = cache.block_size
     chunk = max(bs, (KV_CHUNK // bs) * bs)
     out = torch.empty(q.shape[0], q.shape[1], cache.spec.v_head_dim, dtype=q.dtype)

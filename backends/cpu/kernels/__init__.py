@@ -25,6 +25,7 @@ _HERE = Path(__file__).parent
 _FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wall", "-lm"]  # and -march=HAL_CPU_MARCH
 _lock = threading.Lock()
 _libs: dict[tuple[str, tuple[str, ...]], ctypes.CDLL | str] = {}  # (source, macros) -> library, or why not
+_generation = 0  # reset() counts up: calls prepared with the libraries it forgot are stale
 
 
 def _cpu_flags() -> str:
@@ -80,5 +81,12 @@ def status(name: str, defines: tuple[str, ...] = ()) -> str:
 
 def reset() -> None:
     """Forget loaded libraries (tests that switch HAL_CPU_KERNELS)."""
+    global _generation
     with _lock:
         _libs.clear()
+        _generation += 1
+
+
+def generation() -> int:
+    """How many times :func:`reset` has run (a key for what was prepared with the loaded libraries)."""
+    return _generation

@@ -14,6 +14,7 @@ import torch
 from hal.backend import AttentionParams
 from hal.plan import Plan
 
+from . import generation as kernels_generation
 from . import load
 
 _FMT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -148,27 +149,86 @@ def _layout(storage: object) -> tuple[int, ...]:
     return got
 
 
+def _template(storage: object, plan: Plan, q: torch.Tensor, p: AttentionParams, active: Sequence[bool],
+              alibi: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> _Args:
+    """The kernel's arguments but the per-call addresses :func:`_run` sets. ``alibi`` and ``sinks``: p's
+    tensors made contiguous, which the caller keeps alive through the call."""
+    _, _, _, _, hkv, dv, k_width, v_width, _, _, _, _ = _layout(storage)
+    fmt = _row_format(storage.spec, q)  # type: ignore[attr-defined]
+    table = plan.block_table_host
+    seq_lens, cu_q, act = _arrays(plan, active)
+    return _Args(
+        block_table=table.data_ptr(), seq_lens=seq_lens.data_ptr(), cu_q=cu_q.data_ptr(), active=act.data_ptr(),
+        alibi=_ptr(alibi), sinks=_ptr(sinks),
+        bt_stride=table.shape[1], B=plan.num_seqs, Hq=q.shape[1], Hkv=hkv, D=q.shape[2], Dv=dv, bs=plan.block_size,
+        dtype=_FMT[q.dtype], kfmt=fmt, vfmt=fmt, k_width=k_width, v_width=v_width,
+        scale=p.scale, softcap=p.softcap or 0.0, causal=int(p.causal),
+        window=-1 if p.window_left is None else p.window_left)
+
+
+def _run(lib: ctypes.CDLL, args: _Args, storage: object, layer: int, q: torch.Tensor, out: torch.Tensor,
+         lse: torch.Tensor | None) -> None:
+    """Sets the per-call addresses of ``args`` (q, out, lse, the layer's rows and scales) and calls the kernel."""
+    k_base, k_layer, v_base, v_layer, _, _, _, _, ks_base, ks_layer, vs_base, vs_layer = _layout(storage)
+    args.q, args.out, args.lse = q.data_ptr(), out.data_ptr(), _ptr(lse)
+    args.k, args.v = k_base + layer * k_layer, v_base + layer * v_layer
+    if ks_base:
+        args.k_scale, args.v_scale = ks_base + layer * ks_layer, vs_base + layer * vs_layer
+    args.rows_read = _ptr(_counters[-1]) if _counters else None
+    rc = lib.hal_paged_decode(ctypes.byref(args), ctypes.c_int(torch.get_num_threads()))
+    assert rc == 0, "paged_decode.c refused sequences that eligible() accepted"
+
+
 def paged_decode(q: torch.Tensor, storage: object, layer: int, plan: Plan, p: AttentionParams,
                  out: torch.Tensor, lse: torch.Tensor | None, active: Sequence[bool]) -> None:
     """Write out [T, Hq, Dv] (and lse [T, Hq]) rows of the ``active`` sequences."""
     lib = _library(storage.spec)  # type: ignore[attr-defined]
-    k_base, k_layer, v_base, v_layer, hkv, dv, k_width, v_width, ks_base, ks_layer, vs_base, vs_layer = _layout(storage)
-    hq, d = q.shape[1], q.shape[2]
     q = q.contiguous()
-    fmt = _row_format(storage.spec, q)  # type: ignore[attr-defined]
-    table = plan.block_table_host
-    seq_lens, cu_q, act = _arrays(plan, active)
     alibi = None if p.alibi_slopes is None else p.alibi_slopes.contiguous()
     sinks = None if p.sinks is None else p.sinks.contiguous()
-    args = _Args(
-        q=q.data_ptr(), k=k_base + layer * k_layer, v=v_base + layer * v_layer, block_table=table.data_ptr(),
-        seq_lens=seq_lens.data_ptr(), cu_q=cu_q.data_ptr(), active=act.data_ptr(), out=out.data_ptr(),
-        lse=_ptr(lse), alibi=_ptr(alibi), sinks=_ptr(sinks),
-        bt_stride=table.shape[1], B=plan.num_seqs, Hq=hq, Hkv=hkv, D=d, Dv=dv, bs=plan.block_size,
-        dtype=_FMT[q.dtype], kfmt=fmt, vfmt=fmt, k_width=k_width, v_width=v_width,
-        scale=p.scale, softcap=p.softcap or 0.0, causal=int(p.causal),
-        window=-1 if p.window_left is None else p.window_left,
-        rows_read=_ptr(_counters[-1]) if _counters else None,
-        k_scale=ks_base + layer * ks_layer if ks_base else None, v_scale=vs_base + layer * vs_layer if vs_base else None)
-    rc = lib.hal_paged_decode(ctypes.byref(args), ctypes.c_int(torch.get_num_threads()))  # type: ignore[union-attr]
-    assert rc == 0, "paged_decode.c refused sequences that eligible() accepted"
+    _run(lib, _template(storage, plan, q, p, active, alibi, sinks), storage, layer, q, out, lse)  # type: ignore[arg-type]
+
+
+class Launch:
+    """A decode step's call, prepared once for every layer: the plan's sequences all run on the kernel.
+
+    The per-layer calls of a decode step differ only in the layer and in q; the rest of the kernel's
+    arguments (built in ~5 us of Python) are kept as bytes and copied per call."""
+
+    __slots__ = ("owner", "lib", "template", "out_shape", "with_lse")
+
+    def __init__(self, storage: object, lib: ctypes.CDLL, template: _Args, out_shape: tuple[int, ...],
+                 with_lse: bool) -> None:
+        self.owner = weakref.ref(storage)
+        self.lib, self.template, self.out_shape, self.with_lse = lib, bytes(template), out_shape, with_lse
+
+    def __call__(self, q: torch.Tensor, storage: object, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q = q.contiguous()
+        out = torch.empty(*self.out_shape, dtype=q.dtype)  # unpacked: half the cost of passing the tuple
+        lse = torch.empty(*self.out_shape[:2], dtype=torch.float32) if self.with_lse else None
+        _run(self.lib, _Args.from_buffer_copy(self.template), storage, layer, q, out, lse)
+        return out, lse
+
+
+def launch(storage: object, plan: Plan, q: torch.Tensor, p: AttentionParams, return_lse: bool) -> Launch | None:
+    """The prepared call when the kernel computes every sequence of ``plan`` with these options (a decode
+    step), or None (some sequence runs elsewhere, ALiBi or sinks tensors, or no kernel). Kept per plan;
+    a hit still checks that the cache is the same object, and the key holds ``applies`` itself and the
+    kernels' generation, so patching the rule or reloading the kernels is never served a stale call."""
+    if p.alibi_slopes is not None or p.sinks is not None:
+        return None
+    got = _plan_cache(plan)
+    key = ("launch", id(storage), q.shape, q.dtype, p.scale, p.softcap, p.causal, p.window_left, return_lse,
+           applies, kernels_generation())
+    hit = got.get(key)
+    if hit is not None and hit.owner() is storage:
+        return hit if hit.lib is not None else None
+    made = Launch(storage, None, _Args(), (), False)  # type: ignore[arg-type]  # the "not here" answer
+    if applies(storage, q):
+        active = eligible(plan, q.shape[1] // storage.num_heads)  # type: ignore[attr-defined]
+        if all(active):
+            spec = storage.spec  # type: ignore[attr-defined]
+            made = Launch(storage, _library(spec), _template(storage, plan, q, p, active),  # type: ignore[arg-type]
+                          (q.shape[0], q.shape[1], spec.v_head_dim), return_lse)
+    got[key] = made
+    return made if made.lib is not None else None
