@@ -501,6 +501,38 @@ static inline int pf_four(int fmt) { return boff(fmt, 32) <= 32; }  /* 8-bit and
 /* A work item: heads [h0, h1) of sequence b, keys of split `split` */
 typedef struct { int b, h0, h1, split; } item_ref;
 
+/* A thread's next item, claimed from the schedule's shared counter only as its current item starts its
+ * last tile (whose prefetch then covers the next item's first tile), not as the current item starts.
+ * Claimed at the start, one ahead, a thread that began a call a few microseconds before the other took
+ * two items at once: at B1 x 1024 (two splits, two head groups, four items) the other thread finished
+ * its two late and the first waited at the barrier for it. */
+typedef struct {
+    int *counter;                /* the schedule's first unclaimed item */
+    const int *first;            /* the schedule (item_of) */
+    int items, hpg;
+    int it;                      /* the claimed item (items or more: none left), -1 before the claim */
+    item_ref ref;                /* the claimed item, when there is one */
+} item_claim;
+
+/* Item `it` of the schedule (first[b]: sequence b's first item; a sequence's items: head group major,
+ * then split) */
+static item_ref item_of(const decode_args *a, const int *first, int it, int hpg) {
+    int b = 0;
+    while (first[b + 1] <= it) b++;
+    const int ns = (a->seq_lens[b] + SPLIT - 1) / SPLIT > 1 ? (a->seq_lens[b] + SPLIT - 1) / SPLIT : 1;
+    const int k = it - first[b], g = k / ns;
+    return (item_ref){b, g * hpg, (g + 1) * hpg, k % ns};
+}
+
+/* the item `c` claims for its thread (claiming it now if not yet), or NULL when none is left */
+static inline const item_ref *claim_next(const decode_args *a, item_claim *c) {
+    if (c->it < 0) {
+        c->it = __atomic_fetch_add(c->counter, 1, __ATOMIC_RELAXED);
+        if (c->it < c->items) c->ref = item_of(a, c->first, c->it, c->hpg);
+    }
+    return c->it < c->items ? &c->ref : NULL;
+}
+
 /* the keys [lo, hi) an item attends to: its split, past the window's start */
 static inline void item_keys(const decode_args *a, int b, int split, int *lo, int *hi) {
     const int S = a->seq_lens[b], pos_first = S - (a->cu_q[b + 1] - a->cu_q[b]);
@@ -1105,7 +1137,7 @@ static inline __attribute__((always_inline)) void softmax4(const decode_args *a,
  * accumulator, running max and denominator there ([NH][R][Dv + 2]) for merge_splits(). During its last
  * tile it prefetches the first tile of `next` (this thread's next item, if any). */
 static inline __attribute__((always_inline)) void decode_item_impl(const decode_args *a, int b, int h0, int h1, float *ws,
-                                                                   int split, float *partial, const item_ref *next,
+                                                                   int split, float *partial, item_claim *next,
                                                                    const int KF, const int VF, const int WIDE) {
     const int G = a->Hq / a->Hkv, q0 = a->cu_q[b], ql = a->cu_q[b + 1] - q0, S = a->seq_lens[b];
     const int R = ql * G, R4 = (R + 3) & ~3, D = a->D, Dv = a->Dv, NH = h1 - h0;
@@ -1226,12 +1258,13 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             krow[i] = a->k + blk * kb + off * kt;
             vrow[i] = a->v + blk * vb + off * vt;
         }
+        const item_ref *nx;
         if (j0 + ft < hi) {                   /* the next tile, a few lines per key and head */
             pf_fill(&cur, a, b, h0, j0 + ft, j0 + 2 * ft < hi ? j0 + 2 * ft : hi);
-        } else if (next && next->h1 - next->h0 == NH) {  /* or the first tile of this thread's next item */
+        } else if ((nx = claim_next(a, next)) && nx->h1 - nx->h0 == NH) {  /* or this thread's next item's first */
             int nlo, nhi;
-            item_keys(a, next->b, next->split, &nlo, &nhi);
-            pf_fill(&cur, a, next->b, next->h0, nlo, nlo + ft < nhi ? nlo + ft : nhi);
+            item_keys(a, nx->b, nx->split, &nlo, &nhi);
+            pf_fill(&cur, a, nx->b, nx->h0, nlo, nlo + ft < nhi ? nlo + ft : nhi);
         } else {
             cur.n = cur.nk = 0;
             cur.lines = 0;
@@ -1464,7 +1497,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
  * per layer; split: 4.58). */
 #define ITEM_FN(name, KF, VF, W)                                                                             \
     static __attribute__((noinline)) void name(const decode_args *a, int b, int h0, int h1, float *ws, int split, \
-                                               float *partial, const item_ref *next) {                             \
+                                               float *partial, item_claim *next) {                                 \
         decode_item_impl(a, b, h0, h1, ws, split, partial, next, KF, VF, W);                                      \
     }
 ITEM_FN(item_int8, FMT_INT8, FMT_INT8, 0)
@@ -1482,7 +1515,7 @@ ITEM_FN(item_bf16, FMT_BF16, FMT_BF16, 0)
 #undef ITEM_FN
 
 static void decode_item_fast(const decode_args *a, int b, int h0, int h1, float *ws, int split, float *partial,
-                             const item_ref *next) {
+                             item_claim *next) {
     const int wide = is_wide(a->dtype);      /* fp16/fp32 model: fp32 FMAs for float rows (fp8 widened to fp32) */
     switch (a->kfmt) {                       /* one specialised copy per row format (K and V share it) */
     case FMT_INT8: item_int8(a, b, h0, h1, ws, split, partial, next); break;
@@ -1525,15 +1558,6 @@ static void merge_splits(const decode_args *a, int b, int h0, int h1, int nsplit
             if (a->lse) a->lse[(size_t)(q0 + t) * a->Hq + hq] = L > 0.f ? M + logf(L) : -INFINITY;
         }
 }
-/* Item `it` of the schedule (first[b]: sequence b's first item; a sequence's items: head group major,
- * then split) */
-static item_ref item_of(const decode_args *a, const int *first, int it, int hpg) {
-    int b = 0;
-    while (first[b + 1] <= it) b++;
-    const int ns = (a->seq_lens[b] + SPLIT - 1) / SPLIT > 1 ? (a->seq_lens[b] + SPLIT - 1) / SPLIT : 1;
-    const int k = it - first[b], g = k / ns;
-    return (item_ref){b, g * hpg, (g + 1) * hpg, k % ns};
-}
 
 #endif
 
@@ -1574,11 +1598,21 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
         int64_t splits = 0;                   /* (sequence, split) items with all heads in one */
         for (int b = 0; b < a->B; b++)
             if (a->active[b] && a->cu_q[b + 1] > a->cu_q[b]) splits += (a->seq_lens[b] + SPLIT - 1) / SPLIT > 1 ? (a->seq_lens[b] + SPLIT - 1) / SPLIT : 1;
-        /* Head groups only when splits alone leave a thread idle: a group's rows are a slice of each
-         * token's rows, and slices of short rows (int8: 130 B per head) share cache lines with the next
-         * group's, read twice. Grouping never changes a head's arithmetic. */
-        int groups = splits >= 2 * num_threads ? 1 : (int)((2 * num_threads + splits - 1) / (splits > 0 ? splits : 1));
-        groups = groups < 1 ? 1 : (groups > a->Hkv ? a->Hkv : groups);
+        /* Head groups only when splits alone would leave threads unevenly loaded: the fewest groups that
+         * give every thread the same number of items, where the splits are fewer than two per thread and
+         * not a multiple of the threads. A group's rows are a slice of each token's rows, slices of short
+         * rows (int8: 130 B per head) share cache lines with the next group's, read twice, and more items
+         * cost more starts: C harness, int8, 2 threads, in cache / streamed, ms per layer: B1 x 1024, 2
+         * groups -> 1, 0.073 -> 0.064 / 0.084 -> 0.081; B1 x 512, 4 -> 2, 0.039 -> 0.034 / 0.046 ->
+         * 0.042. (Two items per thread, the rule before, balanced a thread that began late; item_claim
+         * does that now.) Grouping never changes a head's arithmetic. */
+        int groups = 1;
+        if (splits < 2 * num_threads && splits % num_threads) {
+            int x = (int)splits, y = num_threads;  /* groups = num_threads / gcd(splits, num_threads) */
+            while (y) { const int t = x % y; x = y; y = t; }
+            groups = num_threads / x;
+        }
+        groups = groups > a->Hkv ? a->Hkv : groups;
         while (a->Hkv % groups) groups++;
         const int hpg = a->Hkv / groups;
         int *first = (int *)malloc(sizeof(int) * (size_t)(a->B + 1));   /* first item of each sequence */
@@ -1600,17 +1634,17 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
 #endif
         {
             float *ws = (float *)aligned_alloc(64, bytes);
-            /* dynamic schedule, each thread claiming its next item one ahead, so that the current item's
-             * last tile can prefetch the next one's first */
+            /* dynamic schedule, each thread claiming its next item as its current one starts its last
+             * tile, whose prefetch then covers the next one's first (item_claim) */
             int it = __atomic_fetch_add(&next_item, 1, __ATOMIC_RELAXED);
             while (it < items) {
-                const int it_next = __atomic_fetch_add(&next_item, 1, __ATOMIC_RELAXED);
-                const item_ref c = item_of(a, first, it, hpg), nx = item_of(a, first, it_next < items ? it_next : it, hpg);
+                item_claim nx = {&next_item, first, items, hpg, -1, {0, 0, 0, 0}};
+                const item_ref c = item_of(a, first, it, hpg);
                 const int ns = (a->seq_lens[c.b] + SPLIT - 1) / SPLIT > 1 ? (a->seq_lens[c.b] + SPLIT - 1) / SPLIT : 1;
                 const int R = (a->cu_q[c.b + 1] - a->cu_q[c.b]) * G;
                 float *part = ns > 1 ? partials + poff[c.b] + ((int64_t)(c.h0 / hpg) * ns + c.split) * hpg * R * (a->Dv + 2) : NULL;
-                decode_item_fast(a, c.b, c.h0, c.h1, ws, c.split, part, it_next < items ? &nx : NULL);
-                it = it_next;
+                decode_item_fast(a, c.b, c.h0, c.h1, ws, c.split, part, &nx);
+                it = nx.it >= 0 ? nx.it : __atomic_fetch_add(&next_item, 1, __ATOMIC_RELAXED);  /* no tile: claim now */
             }
             free(ws);
 #ifdef _OPENMP
