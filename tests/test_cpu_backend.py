@@ -253,6 +253,35 @@ def test_decode_call_prepared_once_per_plan_serves_each_layer_option_and_cache(m
     assert torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_native_decode_is_the_same_bitwise_for_any_number_of_threads(kv_dtype: str) -> None:
+    """The kernel splits a call into (sequence, KV-head group, 512-key split) items by the thread count;
+    the groups and which thread runs an item never change a head's arithmetic, so out and LSE are
+    identical bitwise with 1-4 threads, for one sequence of 1, 2, 3 or 5 splits and for a batch."""
+    native = pytest.importorskip("hal.backends.cpu.kernels.paged_decode")
+    seq_lens, bs = [300, 1000, 1300, 2100], 16
+    cache, table, cu, q, _ = _random_paged(torch.Generator().manual_seed(17), seq_lens, [1] * len(seq_lens), bs,
+                                           140, kv_dtype)
+    if not native.applies(cache.storage, q):
+        pytest.skip("native kernels unavailable: " + hal.backends.cpu.kernels.status("paged_decode"))
+    plans = [(hal.plan(torch.tensor([0, 1], dtype=torch.int32), torch.tensor([s], dtype=torch.int32), table[b:b + 1],
+                       cache), q[b:b + 1]) for b, s in enumerate(seq_lens)]
+    plans.append((hal.plan(cu, torch.tensor(seq_lens, dtype=torch.int32), table, cache), q))
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for n in (1, 2, 3, 4):
+            torch.set_num_threads(n)
+            results[n] = [hal.paged_attention(qp, cache, 0, plan, return_lse=True) for plan, qp in plans]
+    finally:
+        torch.set_num_threads(threads)
+    for n in (2, 3, 4):
+        for (out, lse), (out1, lse1) in zip(results[n], results[1]):
+            assert torch.equal(out, out1) and torch.equal(lse, lse1), n
+    for b in range(len(seq_lens)):  # and a sequence alone == in the batch
+        assert torch.equal(results[2][b][0], results[2][-1][0][b:b + 1])
+
+
 @pytest.mark.parametrize("kv_dtype", ["int8", "int6", "int4", "fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("opts", OPTION_SETS[:3] + OPTION_SETS[-1:], ids=lambda o: "-".join(sorted(o)))
 def test_native_decode_of_quantized_rows_matches_torch_and_reference(monkeypatch: pytest.MonkeyPatch, kv_dtype: str,
