@@ -29,7 +29,7 @@ def errors(n: int, peak: float, bits: int, rows: int = 512, d: int = 128) -> tup
     p = torch.exp(s - s.amax(1, keepdim=True))
     golden = (p @ vq) / p.sum(1, keepdim=True)
     w = p * sv[None, :]
-    top = 255 if bits == 8 else 2**(bits) - 1
+    top = 2**bits - 1
     out = torch.zeros(rows, d, dtype=torch.float64)
     for t0 in range(0, n, TILE):
         step = w[:, t0:t0 + TILE].amax(1, keepdim=True) / top

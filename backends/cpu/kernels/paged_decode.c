@@ -1134,8 +1134,8 @@ static inline __attribute__((always_inline)) void softmax4(const decode_args *a,
 
 /* Keys [split * SPLIT, (split + 1) * SPLIT) of sequence b for KV heads [h0, h1). With partial == NULL
  * the item covers the whole sequence and stores the output; otherwise it stores its unnormalized
- * accumulator, running max and denominator there ([NH][R][Dv + 2]) for merge_splits(). During its last
- * tile it prefetches the first tile of `next` (this thread's next item, if any). */
+ * accumulator, running max and denominator there ([NH][R][Dv + 2]) for merge_splits(). As its last tile
+ * starts it claims this thread's next item through `next` and prefetches that item's first tile. */
 static inline __attribute__((always_inline)) void decode_item_impl(const decode_args *a, int b, int h0, int h1, float *ws,
                                                                    int split, float *partial, item_claim *next,
                                                                    const int KF, const int VF, const int WIDE) {
@@ -1602,10 +1602,11 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
          * give every thread the same number of items, where the splits are fewer than two per thread and
          * not a multiple of the threads. A group's rows are a slice of each token's rows, slices of short
          * rows (int8: 130 B per head) share cache lines with the next group's, read twice, and more items
-         * cost more starts: C harness, int8, 2 threads, in cache / streamed, ms per layer: B1 x 1024, 2
-         * groups -> 1, 0.073 -> 0.064 / 0.084 -> 0.081; B1 x 512, 4 -> 2, 0.039 -> 0.034 / 0.046 ->
-         * 0.042. (Two items per thread, the rule before, balanced a thread that began late; item_claim
-         * does that now.) Grouping never changes a head's arithmetic. */
+         * cost more starts: C harness, 2 threads, in cache / streamed, ms per layer, against the rule
+         * before and the claim one ahead: int8 B1 x 1024, 2 groups -> 1, 0.073 -> 0.067 / 0.099 ->
+         * 0.089; int8 B1 x 512, 4 -> 2, 0.041 -> 0.037; bf16 B1 x 1024 0.084 -> 0.076 / 0.148 -> 0.118;
+         * fp8 B1 x 1024 streamed 0.088 -> 0.093. (Two items per thread, the rule before, balanced a
+         * thread that began late; item_claim does that now.) Grouping never changes a head's arithmetic. */
         int groups = 1;
         if (splits < 2 * num_threads && splits % num_threads) {
             int x = (int)splits, y = num_threads;  /* groups = num_threads / gcd(splits, num_threads) */
