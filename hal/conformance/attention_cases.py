@@ -10,8 +10,11 @@ from typing import Any
 
 import torch
 
-from hal.conformance.case import Case, dense_check, paged_check, requires_for
-from hal.conformance.scenarios import BATCHES, HEAD_DIM_SHAPES, MODELS, Batch, Shape
+from hal.conformance.case import Case, _lse_declared, dense_check, paged_check, requires_for
+from hal.conformance.oracles import same_dtype_attention
+from hal.conformance.scenarios import BATCHES, HEAD_DIM_SHAPES, MODELS, Batch, Shape, generator, make_paged, randn
+from hal.conformance.tolerances import Comparison, compare
+from hal.reference import paged_attention_reference
 
 DTYPES_QUICK = ("bf16", "fp32")
 DTYPES_FULL = ("fp32", "fp16", "bf16")
@@ -62,6 +65,56 @@ def _paged(name: str, shape: Shape, batch: Batch, dtype: str, bs: int, opts: dic
     return paged_check(backend, "paged/" + name, shape, batch, dtype, bs, opts)
 
 
+def _paged_shared_blocks(name: str, shape: Shape, dtype: str, bs: int, backend: Any) -> list[Comparison]:
+    """Block tables that share physical blocks: every sequence's whole blocks but its last are drawn
+    from one pool of the batch's whole blocks, so that sequences share blocks (as forked sequences
+    and prefix caches do), and a sequence of three or more blocks reads its first block twice. The
+    sequences' keys are what their tables address, against the golden on those keys."""
+    import hal
+
+    batch = BATCHES["mixed"]
+    setup = make_paged(backend, "paged/" + name, shape, batch, dtype, bs)
+    rows_k, rows_v, start = {}, {}, 0  # block id -> its bs tokens (whole blocks only)
+    for blocks, kv in zip(setup.blocks, setup.seq_lens):
+        for i, blk in enumerate(blocks):
+            if (i + 1) * bs <= kv:
+                rows_k[blk] = setup.k[start + i * bs:start + (i + 1) * bs]
+                rows_v[blk] = setup.v[start + i * bs:start + (i + 1) * bs]
+        start += kv
+    pool = sorted(rows_k)
+    assert len(pool) >= 2, "the batch must have whole blocks to share"
+    table = setup.block_table.clone()
+    ks, vs, cu_k, turn = [], [], [0], 0
+    for b, (blocks, kv) in enumerate(zip(setup.blocks, setup.seq_lens)):
+        ids = list(blocks)
+        for i in range(len(ids) - 1):  # every whole block but the last: from the pool, in turn
+            ids[i] = pool[turn % len(pool)]
+            turn += 1
+        if len(ids) >= 3:
+            ids[1] = ids[0]  # the same block twice in one sequence
+        table[b, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        own = dict(zip(blocks, range(len(blocks))))  # its own last block: partial, from setup.k
+        seq_start = sum(setup.seq_lens[:b])
+        parts_k = [rows_k[i] if i in rows_k else setup.k[seq_start + own[i] * bs:seq_start + kv] for i in ids]
+        parts_v = [rows_v[i] if i in rows_v else setup.v[seq_start + own[i] * bs:seq_start + kv] for i in ids]
+        ks.append(torch.cat(parts_k)[:kv] if ids else setup.k[:0])
+        vs.append(torch.cat(parts_v)[:kv] if ids else setup.v[:0])
+        cu_k.append(cu_k[-1] + kv)
+    q = randn(generator("paged/" + name + "/q"), batch.cu_q[-1], shape.hq, shape.d, dtype=dtype)
+    plan = hal.plan(torch.tensor(setup.cu_q, dtype=torch.int32), torch.tensor(setup.seq_lens, dtype=torch.int32),
+                    table, setup.cache)
+    lse = _lse_declared(backend)
+    res = hal.paged_attention(q.to(setup.cache.device), setup.cache, setup.layer, plan, return_lse=lse)
+    out, got_lse = res if lse else (res, None)
+    kc, vc = setup.cache.read(setup.layer, list(range(setup.cache.num_blocks)))
+    g_out, g_lse = paged_attention_reference(q, kc.cpu(), vc.cpu(), setup.cu_q, setup.seq_lens, table)
+    r_out, r_lse = same_dtype_attention(q, torch.cat(ks), torch.cat(vs), setup.cu_q, cu_k, causal=True)
+    comps = [compare("out", dtype, out.cpu(), g_out, r_out)]
+    if lse:
+        comps.append(compare("lse", dtype, got_lse.cpu(), g_lse, r_lse, lse=True))
+    return comps
+
+
 def paged_cases() -> Iterator[Case]:
     for shape in MODELS:
         for dtype in DTYPES_FULL:
@@ -81,6 +134,12 @@ def paged_cases() -> Iterator[Case]:
                        requires_for(shape, dtype, ["paged", "causal"], block_size=16),
                        partial(_paged, name, shape, BATCHES["mixed"], dtype, 16, {}))
     shape = _model("llama-3-8b")
+    for dtype in DTYPES_FULL:
+        for bs in (1, 16):
+            name = f"{shape.name}/{dtype}/bs{bs}/shared_blocks"
+            yield Case("paged", name, "quick" if dtype == "bf16" and bs == 16 else "full",
+                       requires_for(shape, dtype, ["paged", "causal"], block_size=bs),
+                       partial(_paged_shared_blocks, name, shape, dtype, bs))
     for dtype in DTYPES_FULL:
         name = f"{shape.name}/{dtype}/bs16/mixed/non_causal"
         yield Case("paged", name, "quick" if dtype == "bf16" else "full",
