@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from hal.bench import TINY, accounting as A
+from hal.bench.build import CACHED, pool_table
 from hal.bench.cases import QUICK, CaseSpec, case_list
 from hal.bench.machine import MachineInfo, last_level_cache
 from hal.bench.runner import BenchReport, ImplResult, _run_case, metrics, paired_ratio, run
@@ -111,6 +112,21 @@ def test_ratios_pair_the_measurements_of_each_round() -> None:
                 hal_rounds=(hal_s, 1))
     assert r.speedup == pytest.approx(2.0)  # per layer: 2 s against hal's 1 s, then 6 against 3
     assert paired_ratio([1.0, 2.0], [1.0]) is None  # rounds missing: no pairing
+
+
+def test_pool_table_draws_every_page_from_the_pool_evenly() -> None:
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    t = pool_table(8, 256, 100, gen)  # 2048 pages from 100 blocks
+    assert t.shape == (8, 256) and t.dtype == torch.int32
+    counts = torch.bincount(t.flatten().long(), minlength=100)
+    assert counts.numel() == 100 and int(counts.min()) >= 20 and int(counts.max()) <= 21  # 2048 / 100
+    first = t.flatten()[:100].sort().values  # each round of the pool is a permutation of it
+    assert torch.equal(first, torch.arange(100, dtype=torch.int32))
+    assert torch.equal(pool_table(3, 7, 5, torch.Generator().manual_seed(1)),  # the seed decides it
+                       pool_table(3, 7, 5, torch.Generator().manual_seed(1)))
+    assert int(pool_table(2, 4, 1, gen).max()) == 0  # a pool of one block
 
 
 def test_last_level_cache_is_found_or_unknown() -> None:
@@ -207,6 +223,15 @@ def test_run_in_process_reports_every_case_and_baseline() -> None:
             hal_r = c.impl("hal")  # the median of the rounds' ratios
             assert unq is not None and unq.speedup == pytest.approx(
                 statistics.median(u / unq.layers / (h / hal_r.layers) for u, h in zip(unq.seconds, hal_r.seconds)))
+            cached = c.impl(CACHED)  # the compute alone, where the last-level cache is known
+            assert (cached is not None) == (bb.machine.llc_bytes is not None)
+            if cached is not None:
+                assert names.index(CACHED) == 2 and cached.bytes == hal_r.bytes  # as many bytes as hal's call
+                assert c.gain_ceiling == pytest.approx(statistics.median(
+                    u / unq.layers / (k / cached.layers) for u, k in zip(unq.seconds, cached.seconds)))
+                assert any(f"at most hal-bf16 / {CACHED} = {c.gain_ceiling:.2f}x" in n for n in c.notes)
+        else:
+            assert c.impl(CACHED) is None and c.gain_ceiling is None
         if c.kind != "prefill":  # "% of copy" is against the memcpy timed in the case's own rounds
             copy = c.impl("memcpy")
             assert copy is not None and copy.frac_copy_bw == pytest.approx(1.0)

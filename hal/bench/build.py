@@ -5,6 +5,13 @@ random permutation of its blocks, every layer written through ``KVCache.write`` 
 (distinct memory); ``hal.plan`` once, reused by every layer. The contiguous SDPA baselines hold
 their own copy of every layer in the model dtype; the gather baseline reads the same cache as hal.
 All inputs come from a generator seeded by the case's name.
+
+A quantized decode case on a cpu with a known last-level cache also times ``hal-cached``: the same
+call (batch, context, plan shape) on a one-layer cache whose block table draws every page from a
+pool of blocks small enough to stay in that cache, as sequences that share a prefix do. Its rows
+hardly ever come from memory, so its time is what hal's compute alone costs for the case: a floor
+under hal's time, and so a ceiling on what the format can gain over hal-<dtype> at the memory
+speed of the moment (``hal.bench.runner`` reports it as the case's ``gain_ceiling``).
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from hal.bench import accounting as A
 from hal.bench.cases import DSV2_LITE, LLAMA3_8B, CaseSpec
 from hal.dtypes import DTYPES
 
-__all__ = ["Impl", "Setup", "build"]
+__all__ = ["Impl", "Setup", "build", "CACHED", "pool_table"]
+
+CACHED = "hal-cached"  # hal's compute alone: its rows in the last-level cache (quantized decode, cpu)
 
 
 @dataclass
@@ -56,8 +65,8 @@ def _over_layers(fn: Callable[[int], Any]) -> Callable[[int], None]:
 
 def _layer_impls(c: CaseSpec, layers: int, hal_layer: Callable[[int], Any], sdpa_layer: Callable[[int], Any],
                  packed_layer: Callable[[int], Any], gather_layer: Callable[[int], Any],
-                 unquantized_layer: Callable[[int], Any] | None = None) -> dict[str, Impl]:
-    """hal, then (quantized decode) hal on the same KV unquantized, then memcpy, then the three
+                 unquantized_layer: Callable[[int], Any] | None = None, cached: Impl | None = None) -> dict[str, Impl]:
+    """hal, then (quantized decode) hal on the same KV unquantized and hal in cache, then memcpy, then the three
     baselines of a per-layer case (decode, MLA); hal and gather read the stored format, the contiguous
     SDPA baselines and the unquantized hal the model dtype. That order holds in every round: memcpy
     runs before the baselines that allocate and free large temporaries (a copy timed after gather+sdpa
@@ -70,6 +79,8 @@ def _layer_impls(c: CaseSpec, layers: int, hal_layer: Callable[[int], Any], sdpa
     impls = {"hal": impl(hal_layer, stored)}
     if unquantized_layer is not None:  # its "hal speedup" is what the format gains over the model dtype
         impls[f"hal-{c.dtype}"] = impl(unquantized_layer, model)
+    if cached is not None:
+        impls[CACHED] = cached
     impls[MEMCPY] = _memcpy_impl(layers, layers * stored)
     impls.update({"sdpa": impl(sdpa_layer, model), "sdpa-packed": impl(packed_layer, model),
                   "gather+sdpa": impl(gather_layer, stored)})
@@ -106,6 +117,40 @@ def _paged_layout(batch: int, context: int, block_size: int, gen: torch.Generato
     return num_blocks, table, slots.reshape(-1)
 
 
+def pool_table(batch: int, need: int, pool: int, gen: torch.Generator) -> torch.Tensor:
+    """A block table [batch, need] whose ids all come from blocks ``0..pool-1``: random permutations of
+    the pool, one after another, so that every block serves as often as any other, give or take one."""
+    reps = -(-batch * need // pool)
+    ids = torch.cat([torch.randperm(pool, generator=gen) for _ in range(reps)])[:batch * need]
+    return ids.view(batch, need).to(torch.int32)
+
+
+def _cached_impl(c: CaseSpec, backend: Any, device: torch.device, gen: torch.Generator, k: torch.Tensor,
+                 v: torch.Tensor, q: torch.Tensor, budget: int) -> tuple[Impl, str]:
+    """``hal-cached`` (see the module note) and a note saying what it runs."""
+    import hal
+
+    s = LLAMA3_8B
+    B, S = c.batch, c.context
+    need = -(-S // s.block_size)
+    block_bytes = c.stored_bytes_per_layer() // (B * S) * s.block_size
+    pool = max(1, min(B * need, budget // block_bytes))
+    spec = hal.KVCacheSpec(1, s.hkv, s.d, v_head_dim=s.dv, block_size=s.block_size, dtype=c.dtype,
+                           kv_dtype=c.kv_dtype)
+    small = hal.KVCache(spec, pool, backend=backend, device=device)
+    n = min(pool * s.block_size, B * S)
+    small.write(0, k[:n], v[:n], torch.arange(n, dtype=torch.int64, device=device))
+    table = pool_table(B, need, pool, gen)
+    plan, _ = _plan(small, table, B, S)
+
+    def one(_layer: int = 0) -> Any:
+        return hal.paged_attention(q, small, 0, plan)
+
+    note = (f"{CACHED}: hal on the same shapes with every page drawn from {pool} blocks "
+            f"({pool * block_bytes / 2**20:.1f} MiB, in the last-level cache): its compute alone")
+    return Impl(_over_layers(one), one, c.stored_bytes_per_layer(), c.flops_per_layer()), note
+
+
 def _plan(cache: Any, table: torch.Tensor, batch: int, context: int) -> tuple[Any, float]:
     import hal
 
@@ -115,7 +160,8 @@ def _plan(cache: Any, table: torch.Tensor, batch: int, context: int) -> tuple[An
     return p, time.perf_counter() - t0
 
 
-def _build_decode(c: CaseSpec, backend: Any, device: torch.device, layers: int, gen: torch.Generator) -> Setup:
+def _build_decode(c: CaseSpec, backend: Any, device: torch.device, layers: int, gen: torch.Generator,
+                  cache_budget: int | None = None) -> Setup:
     import hal
 
     s = LLAMA3_8B
@@ -145,6 +191,10 @@ def _build_decode(c: CaseSpec, backend: Any, device: torch.device, layers: int, 
         for layer in range(layers):
             unq.write(layer, k, v, slots_dev)
         unq_plan, _ = _plan(unq, table, B, S)
+    cached, notes = None, []
+    if c.kv_dtype != "auto" and cache_budget:
+        cached, note = _cached_impl(c, backend, device, gen, k, v, q, cache_budget)
+        notes.append(note)
     del k, v
     ids = table.reshape(-1)
     need = table.shape[1]
@@ -170,11 +220,11 @@ def _build_decode(c: CaseSpec, backend: Any, device: torch.device, layers: int, 
         return F.scaled_dot_product_attention(q4, kg, vg, enable_gqa=True)
 
     impls = _layer_impls(c, layers, hal_layer, sdpa_layer, packed_layer, gather_layer,
-                         unq_layer if unq is not None else None)
+                         unq_layer if unq is not None else None, cached)
     shape = dict(model=s.name, hq=s.hq, hkv=s.hkv, head_dim=s.d, v_head_dim=s.dv, block_size=s.block_size,
                  batch=B, context=S, kv_dtype=c.kv_dtype, dtype=c.dtype, layers=layers,
                  pages="randomly permuted", bytes_per_token_layer=cache.bytes_per_token // layers)
-    return Setup(impls, layers, shape, plan_s)
+    return Setup(impls, layers, shape, plan_s, notes)
 
 
 def _build_prefill(c: CaseSpec, backend: Any, device: torch.device, gen: torch.Generator) -> Setup:
@@ -268,11 +318,13 @@ def _build_mla(c: CaseSpec, backend: Any, device: torch.device, layers: int, gen
     return Setup(impls, layers, shape, plan_s, notes)
 
 
-def build(c: CaseSpec, backend: Any, device: torch.device, layers: int, seed: int = 0) -> Setup:
-    """Allocate and fill what case ``c`` needs on ``backend``; the returned impls are ready to time."""
+def build(c: CaseSpec, backend: Any, device: torch.device, layers: int, seed: int = 0,
+          cache_budget: int | None = None) -> Setup:
+    """Allocate and fill what case ``c`` needs on ``backend``; the returned impls are ready to time.
+    ``cache_budget``: bytes of KV that stay in the last-level cache (None: no ``hal-cached``)."""
     gen = torch.Generator().manual_seed(seed)
     if c.kind == "decode":
-        return _build_decode(c, backend, device, layers, gen)
+        return _build_decode(c, backend, device, layers, gen, cache_budget)
     if c.kind == "prefill":
         return _build_prefill(c, backend, device, gen)
     if c.kind == "mla":

@@ -3,7 +3,8 @@
 x: arithmetic intensity (FLOP per byte of what the case must read), y: achieved GFLOP/s, both log.
 The roof is drawn from the machine probes of the same run: the copy-bandwidth slope (read bandwidth
 dashed) and the bf16 and fp32 matmul ceilings. Every case is a point per implementation, hal and the
-baselines with different markers, the kinds in different colours. matplotlib is imported here only
+baselines with different markers, the kinds in different colours (not hal-cached, whose rows come from
+the cache, not through the memory the roof is drawn for). matplotlib is imported here only
 (``pip install 'hal-attention[bench]'``), never by ``import hal``.
 """
 
@@ -13,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hal.bench.build import CACHED
 from hal.bench.runner import BenchReport
 
 __all__ = ["plot_roofline"]
@@ -41,7 +43,7 @@ def _axes(ax: Any, bb: Any) -> None:
 
     m = bb.machine
     pts = [(r.intensity, r.tflops * 1e3, c, r) for c in bb.cases for r in c.impls
-           if r.status == "ok" and r.intensity and r.tflops]
+           if r.status == "ok" and r.intensity and r.tflops and r.name != CACHED]
     peak16 = m.matmul_tflops.get("bf16", 0) * 1e3
     peak32 = m.matmul_tflops.get("fp32", 0) * 1e3
     top = max([peak16, peak32, 1e-3] + [p[1] for p in pts])

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-from hal.bench.build import MEMCPY, Impl, build
+from hal.bench.build import CACHED, MEMCPY, Impl, build
 from hal.bench.cases import QUICK, CaseSpec, Sizes, case_list
 from hal.bench.machine import MachineInfo, probe_machine, sync_for
 
@@ -76,6 +76,7 @@ class CaseResult:
     rounds: int = 0
     impls: list[ImplResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    gain_ceiling: float | None = None  # quantized decode: hal-<dtype> / hal-cached, the most the format can gain
 
     def impl(self, name: str) -> ImplResult | None:
         return next((i for i in self.impls if i.name == name), None)
@@ -284,7 +285,11 @@ def _run_case(c: CaseSpec, backend: Any, machine: MachineInfo, sizes: Sizes, ws:
     try:
         progress.stage("building")
         t0 = time.perf_counter()
-        setup = build(c, backend, device, layers, seed=zlib.crc32(c.label.encode()))
+        # hal-cached's pool: a quarter of the last-level cache, which other cores (and on a shared VM other
+        # tenants) use too. Its first call after the round's other runs reloads the pool from memory, which
+        # can only make the floor higher than hal's compute, the gain's ceiling lower.
+        budget = machine.llc_bytes // 4 if machine.llc_bytes and device.type == "cpu" else None
+        setup = build(c, backend, device, layers, seed=zlib.crc32(c.label.encode()), cache_budget=budget)
         sync()
         res.build_s = time.perf_counter() - t0
         res.shape, res.plan_s, res.notes = setup.shape, setup.plan_s, list(setup.notes)
@@ -313,6 +318,14 @@ def _run_case(c: CaseSpec, backend: Any, machine: MachineInfo, sizes: Sizes, ws:
             copy.speedup = None
             res.notes.append(f"%copy is against the memcpy timed in this case's rounds ({copy.gbps:.3g} GB/s; "
                              f"the probe at the start measured {machine.copy_gbps:.3g})")
+        unq, cached = res.impl(f"hal-{c.dtype}"), res.impl(CACHED)
+        if unq is not None and cached is not None and unq.seconds and cached.seconds:
+            res.gain_ceiling = paired_ratio(unq.seconds, cached.seconds, 1 / unq.layers, 1 / cached.layers)
+            if res.gain_ceiling is not None:
+                res.notes.append(f"the format's gain over {unq.name} is at most {unq.name} / {CACHED} = "
+                                 f"{res.gain_ceiling:.2f}x in these rounds"
+                                 + ("" if unq.speedup is None else f" (hal's rows from memory: {unq.speedup:.2f}x)")
+                                 + ": hal's compute alone against the unquantized hal at this memory speed")
         if "hal" in errors:
             res.status, res.reason = "error", f"hal raised {errors['hal']}"
     except HALError as e:  # declared, yet refused or failed
