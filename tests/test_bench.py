@@ -362,6 +362,22 @@ def _build_tool(tmp_path: Path, source: str, *flags: str) -> Path:
     return exe
 
 
+def test_vector_ports_builds_and_times_each_mix(tmp_path: Path) -> None:
+    # tools/vector_ports.c: the pipe model behind docs/speed-notes.md ("Compute per row", sixth round)
+    exe = _build_tool(tmp_path, "vector_ports.c")
+    flags = set(re.findall(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)[0].split()) \
+        if Path("/proc/cpuinfo").exists() else set()
+    if not {"avx512_vnni", "avx512_bf16", "avx512vbmi", "gfni"} <= flags:
+        pytest.skip("the mixes need AVX512-VNNI, BF16, VBMI and GFNI")
+    res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert re.match(r"clock \d+\.\d+ GHz", lines[0]), lines[0]
+    rows = {m.group(1).strip(): float(m.group(2)) for m in (re.match(r"(.*?)\s+([\d.]+) cycles$", x) for x in lines[1:]) if m}
+    assert len(rows) == len(lines) - 1 and all(v > 0 for v in rows.values())  # every mix, after the clock line
+    assert "int8 scores mix: 16 VPDPWSSD + 18 others" in rows and "8 VDPBF16PS + 8 VPERMI2B" in rows
+
+
 def test_decode_harness_builds_and_times_the_kernel(tmp_path: Path) -> None:
     # tools/decode_harness.c: the kernel alone, from C (docs/speed-notes.md's measurements)
     exe = _build_tool(tmp_path, "decode_harness.c", "-fopenmp", "-I", "{root}/backends/cpu/kernels")

@@ -5,8 +5,9 @@
  * Each line times a loop of independent 512-bit instructions (no chains between them) and prints the
  * cycles one iteration takes, the clock taken from a chain of dependent VPADDD (one cycle each). A
  * mix's time against its parts' shows which instructions share execution pipes: two kinds that do
- * not share run in the time of the slower, two that do in the sum. Needs AVX512-VNNI, BF16 and VBMI.
+ * not share run in the time of the slower, two that do in the sum. Needs AVX512-VNNI, BF16, VBMI and GFNI.
  */
+#define _POSIX_C_SOURCE 199309L  /* clock_gettime under -std=c11 */
 #include <stdio.h>
 #include <time.h>
 
@@ -51,7 +52,9 @@ static void report(const char *name, double t) { printf("%-34s %5.2f cycles\n", 
         for (long i = 0; i < N; i++)                                                                       \
             __asm__ volatile(code ::"r"(buf)                                                               \
                              : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", \
-                               "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory");                               \
+                               "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18",   \
+                               "xmm19", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31",   \
+                               "k1", "k2", "k3", "k4", "memory");                               \
         report(name, now_s() - t0);                                                                        \
     } while (0)
 
@@ -101,5 +104,25 @@ int main(void) {
                                               "vpdpwssd 8(%0)%{1to16%},%%zmm21,%%zmm2\n vpdpwssd 12(%0)%{1to16%},%%zmm21,%%zmm3\n"
                                               "vpdpwssd 16(%0)%{1to16%},%%zmm21,%%zmm4\n vpdpwssd 20(%0)%{1to16%},%%zmm21,%%zmm5\n"
                                               "vpdpwssd 24(%0)%{1to16%},%%zmm21,%%zmm6\n vpdpwssd 28(%0)%{1to16%},%%zmm21,%%zmm7\n");
+    /* fp8 conversions on the bf16 products (2026-11-29, sixth round): the table lookup's VPERMI2B against
+     * the alternatives, one 512-bit VDPBF16PS per conversion instruction */
+    TIME("8 VDPBF16PS + 8 VPERMI2B", BF ACC_HI("vpermi2b", "%%zmm22", "%%zmm23"));
+    TIME("8 VDPBF16PS + 8 VPERMB", BF X8("vpermb", "%%zmm22", "%%zmm23", 13));
+    TIME("8 VDPBF16PS + 8 GF2P8AFFINEQB", BF X8("vgf2p8affineqb $0,", "%%zmm22", "%%zmm23", 13));
+    TIME("8 VDPBF16PS + 8 VPSHUFB", BF X8("vpshufb", "%%zmm22", "%%zmm23", 13));
+    TIME("8 VDPBF16PS + 8 VPTESTNMB (to a mask)", BF "vptestnmb %%zmm22,%%zmm23,%%k1\n vptestnmb %%zmm22,%%zmm23,%%k2\n"
+                                                  "vptestnmb %%zmm22,%%zmm23,%%k3\n vptestnmb %%zmm22,%%zmm23,%%k4\n"
+                                                  "vptestnmb %%zmm22,%%zmm23,%%k1\n vptestnmb %%zmm22,%%zmm23,%%k2\n"
+                                                  "vptestnmb %%zmm22,%%zmm23,%%k3\n vptestnmb %%zmm22,%%zmm23,%%k4\n");
+    /* the int8 scores' instruction mix per key (16 products, 4 widenings, the four heads' reduction):
+     * what one key could take if nothing but the pipes limited it */
+    TIME("int8 scores mix: 16 VPDPWSSD + 18 others", DP ACC_HI("vpdpwssd", "%%zmm20", "%%zmm21")
+         "vpmovsxbw (%0),%%zmm16\n vpmovsxbw 32(%0),%%zmm17\n vpmovsxbw 64(%0),%%zmm18\n vpmovsxbw 96(%0),%%zmm19\n"
+         "vpunpckldq %%zmm22,%%zmm23,%%zmm24\n vpunpckhdq %%zmm22,%%zmm23,%%zmm25\n"
+         "vpunpckldq %%zmm22,%%zmm23,%%zmm26\n vpunpckhdq %%zmm22,%%zmm23,%%zmm27\n"
+         "vpaddd %%zmm22,%%zmm23,%%zmm28\n vpaddd %%zmm22,%%zmm23,%%zmm29\n vpaddd %%zmm22,%%zmm23,%%zmm30\n"
+         "vpaddd %%zmm22,%%zmm23,%%zmm31\n vpaddd %%zmm22,%%zmm23,%%zmm24\n vpaddd %%zmm22,%%zmm23,%%zmm25\n"
+         "vshufps $0x4e,%%zmm22,%%zmm23,%%zmm26\n vshufps $0x4e,%%zmm22,%%zmm23,%%zmm27\n"
+         "vextracti64x4 $1,%%zmm22,%%ymm28\n vextracti64x2 $1,%%ymm23,%%xmm29\n");
     return 0;
 }
