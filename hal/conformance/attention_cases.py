@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from hal.conformance.case import Case, _lse_declared, dense_check, paged_check, requires_for
+from hal.conformance.case import Case, dense_check, lse_declared, paged_check, requires_for
 from hal.conformance.oracles import same_dtype_attention
 from hal.conformance.scenarios import BATCHES, HEAD_DIM_SHAPES, MODELS, Batch, Shape, generator, make_paged, randn
 from hal.conformance.tolerances import Comparison, compare
@@ -103,7 +103,7 @@ def _paged_shared_blocks(name: str, shape: Shape, dtype: str, bs: int, backend: 
     q = randn(generator("paged/" + name + "/q"), batch.cu_q[-1], shape.hq, shape.d, dtype=dtype)
     plan = hal.plan(torch.tensor(setup.cu_q, dtype=torch.int32), torch.tensor(setup.seq_lens, dtype=torch.int32),
                     table, setup.cache)
-    lse = _lse_declared(backend)
+    lse = lse_declared(backend)
     res = hal.paged_attention(q.to(setup.cache.device), setup.cache, setup.layer, plan, return_lse=lse)
     out, got_lse = res if lse else (res, None)
     kc, vc = setup.cache.read(setup.layer, list(range(setup.cache.num_blocks)))

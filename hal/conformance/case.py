@@ -45,7 +45,7 @@ def requires_for(shape: Shape, dtype: str, features: list[str], **extra: Any) ->
     return dict(dtype=dtype, head_dim=shape.d, v_head_dim=shape.dv, features=feats, **extra)
 
 
-def _lse_declared(backend: Backend) -> bool:
+def lse_declared(backend: Backend) -> bool:
     return "lse" in backend.capabilities().features
 
 
@@ -77,7 +77,7 @@ def dense_check(backend: Backend, case: str, shape: Shape, batch: Batch, dtype: 
                 opts: dict[str, Any]) -> list[Comparison]:
     """hal.attention on ``batch`` against golden (out, and lse when declared)."""
     q, k, v = dense_inputs(case, shape, batch, dtype)
-    lse = _lse_declared(backend)
+    lse = lse_declared(backend)
     out, got_lse = run_dense(backend, q, k, v, batch.cu_q, batch.cu_k, opts, lse)
     g_out, g_lse = golden_attention(q, k, v, batch.cu_q, batch.cu_k, **opts)
     r_out, r_lse = same_dtype_attention(q, k, v, batch.cu_q, batch.cu_k, **opts)
@@ -96,7 +96,7 @@ def paged_check(backend: Backend, case: str, shape: Shape, batch: Batch, dtype: 
     setup = make_paged(backend, case, shape, batch, dtype, block_size)
     gen = generator(case + "/q")
     q = randn(gen, batch.cu_q[-1], shape.hq, shape.d, dtype=dtype)
-    lse = _lse_declared(backend)
+    lse = lse_declared(backend)
     res = hal.paged_attention(q.to(setup.cache.device), setup.cache, setup.layer, setup.plan(),
                               return_lse=lse, **_on(backend, opts))
     out, got_lse = res if lse else (res, None)
