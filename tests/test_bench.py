@@ -403,6 +403,29 @@ def test_prefetch_probe_builds_and_streams(tmp_path: Path) -> None:
         assert res.returncode == 2 and ("CHUNK" in res.stderr or "usage" in res.stderr), res.stderr
 
 
+def test_plot_gain_rows_take_each_quantized_case_its_ceiling_and_byte_ratio() -> None:
+    from hal.bench.plot import _gain_rows
+    from hal.bench.runner import BackendBench, CaseResult
+
+    def case(label: str, impls: list[ImplResult], ceiling: float | None = None) -> CaseResult:
+        return CaseResult(kind="decode", label=label, status="ok", impls=impls, gain_ceiling=ceiling)
+
+    bb = BackendBench("cpu", True, cases=[
+        case("decode bf16 B8 S4096", [ImplResult("hal", bytes=4096, layers=1)]),  # no twin: not a format's gain
+        case("decode int8 B8 S4096", [ImplResult("hal", bytes=2 * 2080, layers=2),
+                                      ImplResult("hal-bf16", bytes=4096, layers=1, speedup=1.5),
+                                      ImplResult(CACHED, bytes=2080, layers=1, speedup=0.8)], ceiling=1.9),
+        case("decode fp8_e4m3 B1 S1024", [ImplResult("hal", bytes=2048, layers=1),
+                                          ImplResult("hal-bf16", bytes=4096, layers=1, speedup=1.2)]),
+        case("decode int8 B1 S1024", [ImplResult("hal", bytes=2080, layers=1),
+                                      ImplResult("hal-bf16", status="error", bytes=4096, layers=1)]),
+    ])
+    rows = _gain_rows(bb)
+    assert [(label, gain, ceiling) for label, gain, ceiling, _ in rows] == [
+        ("int8 B8 S4096", 1.5, 1.9), ("fp8_e4m3 B1 S1024", 1.2, None)]
+    assert rows[0][3] == pytest.approx(4096 / 2080) and rows[1][3] == pytest.approx(2.0)  # bytes per layer
+
+
 def test_plot_labels_of_coinciding_cases_do_not_overlap() -> None:
     # bf16 B8 x 4096 and B1 x 1024 decode land on one point of the roofline: their labels step apart
     from hal.bench.plot import _LABEL_STEP, _label_offsets

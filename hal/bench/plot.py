@@ -4,7 +4,10 @@ x: arithmetic intensity (FLOP per byte of what the case must read), y: achieved 
 The roof is drawn from the machine probes of the same run: the copy-bandwidth slope (read bandwidth
 dashed) and the bf16 and fp32 matmul ceilings. Every case is a point per implementation, hal and the
 baselines with different markers, the kinds in different colours (not hal-cached, whose rows come from
-the cache, not through the memory the roof is drawn for). matplotlib is imported here only
+the cache, not through the memory the roof is drawn for). Below it, where a run has quantized decode
+cases, their gains: per case the measured gain over hal on the same KV in the model dtype (a bar),
+the ceiling its compute alone allows (``gain_ceiling``) and the ratio of the bytes the two read (what
+a gain bound by memory alone would reach). matplotlib is imported here only
 (``pip install 'hal-attention[bench]'``), never by ``import hal``.
 """
 
@@ -84,6 +87,39 @@ def _axes(ax: Any, bb: Any) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
+def _gain_rows(bb: Any) -> list[tuple[str, float, float | None, float]]:
+    """(label, gain, ceiling, byte ratio) of each quantized decode case measured against its hal-<dtype>."""
+    rows = []
+    for c in bb.cases:
+        hal = c.impl("hal") if c.kind == "decode" else None
+        unq = next((r for r in c.impls if r.name.startswith("hal-") and r.name != CACHED), None)
+        if hal is None or unq is None or unq.speedup is None or not hal.bytes or not unq.bytes:
+            continue
+        ratio = (unq.bytes / max(unq.layers, 1)) / (hal.bytes / max(hal.layers, 1))
+        rows.append((c.label.split(" ", 1)[1], unq.speedup, c.gain_ceiling, ratio))
+    return rows
+
+
+def _gains_axes(ax: Any, bb: Any, rows: list[tuple[str, float, float | None, float]]) -> None:
+    xs = range(len(rows))
+    ax.bar(xs, [g for _, g, _, _ in rows], width=0.6, color="tab:blue", alpha=0.75,
+           label="gain over hal-<dtype> (measured)")
+    ax.set_xlim(-0.75, max(len(rows), 6) - 0.25)  # a few cases keep narrow bars
+    ceil = [(i, c) for i, (_, _, c, _) in enumerate(rows) if c is not None]
+    if ceil:
+        ax.scatter([i for i, _ in ceil], [c for _, c in ceil], marker="D", color="black", zorder=3, s=28,
+                   label="ceiling: hal-<dtype> / hal-cached (its compute alone)")
+    ax.scatter(list(xs), [r for *_, r in rows], marker="_", color="tab:gray", zorder=3, s=300, linewidths=2,
+               label="bytes of hal-<dtype> / bytes of hal (memory-bound gain)")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([label for label, *_ in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("times faster than the model dtype")
+    ax.set_title(f"{bb.name}: what each KV format gains, in the same rounds", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.25)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
 def plot_roofline(report: BenchReport, path: str | Path) -> None:
     """Write the roofline plot of ``report`` to ``path`` (PNG), one panel per backend that ran."""
     try:
@@ -92,14 +128,18 @@ def plot_roofline(report: BenchReport, path: str | Path) -> None:
     except ImportError as e:
         raise ImportError("hal bench --plot needs matplotlib: pip install 'hal-attention[bench]'") from e
     ran = [bb for bb in report.backends if bb.available and bb.machine is not None]
-    fig = Figure(figsize=(11 * max(1, len(ran)), 6.5))
+    gains = [_gain_rows(bb) for bb in ran]
+    panels = 2 if any(gains) else 1
+    fig = Figure(figsize=(11 * max(1, len(ran)), 6.5 + 5.0 * (panels - 1)))
     FigureCanvasAgg(fig)
     if not ran:
         ax = fig.add_subplot(1, 1, 1)
         ax.text(0.5, 0.5, "no backend ran", ha="center", va="center")
         ax.set_axis_off()
-    for i, bb in enumerate(ran):
-        _axes(fig.add_subplot(1, len(ran), i + 1), bb)
+    for i, (bb, rows) in enumerate(zip(ran, gains)):
+        _axes(fig.add_subplot(panels, len(ran), i + 1), bb)
+        if rows:
+            _gains_axes(fig.add_subplot(panels, len(ran), len(ran) + i + 1), bb, rows)
     fig.suptitle(f"hal bench ({report.sizes.name}), hal {report.hal_version}, {report.date}", fontsize=10)
     fig.tight_layout()
     fig.savefig(str(path), dpi=110)
