@@ -121,7 +121,8 @@ def _gains_axes(ax: Any, bb: Any, rows: list[tuple[str, float, float | None, flo
 
 
 def plot_roofline(report: BenchReport, path: str | Path) -> None:
-    """Write the roofline plot of ``report`` to ``path`` (PNG), one panel per backend that ran."""
+    """Write the roofline plot of ``report`` to ``path`` (PNG), a column per backend that ran: its
+    roofline, and below it its formats' gains when it measured any."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
