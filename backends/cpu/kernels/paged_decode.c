@@ -42,6 +42,7 @@
 
 enum { FMT_F32 = 0, FMT_F16 = 1, FMT_BF16 = 2, FMT_INT8 = 3, FMT_E4M3 = 4, FMT_E5M2 = 5, FMT_INT6 = 6, FMT_INT4 = 7 };
 enum { TILE = 16, MAX_ROWS = 256, MAX_DIM = 1024, SPLIT = 512 };  /* SPLIT: keys per split of the AVX-512 path */
+static inline int splits_of(int S) { const int n = (S + SPLIT - 1) / SPLIT; return n > 1 ? n : 1; }  /* a sequence's splits */
 
 typedef struct {
     const void *q;           /* [T, Hq, D] in the model dtype */
@@ -519,7 +520,7 @@ typedef struct {
 static item_ref item_of(const decode_args *a, const int *first, int it, int hpg) {
     int b = 0;
     while (first[b + 1] <= it) b++;
-    const int ns = (a->seq_lens[b] + SPLIT - 1) / SPLIT > 1 ? (a->seq_lens[b] + SPLIT - 1) / SPLIT : 1;
+    const int ns = splits_of(a->seq_lens[b]);
     const int k = it - first[b], g = k / ns;
     return (item_ref){b, g * hpg, (g + 1) * hpg, k % ns};
 }
@@ -1597,7 +1598,7 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
          * sequence over them: a sequence's arithmetic never depends on the rest of the batch. */
         int64_t splits = 0;                   /* (sequence, split) items with all heads in one */
         for (int b = 0; b < a->B; b++)
-            if (a->active[b] && a->cu_q[b + 1] > a->cu_q[b]) splits += (a->seq_lens[b] + SPLIT - 1) / SPLIT > 1 ? (a->seq_lens[b] + SPLIT - 1) / SPLIT : 1;
+            if (a->active[b] && a->cu_q[b + 1] > a->cu_q[b]) splits += splits_of(a->seq_lens[b]);
         /* Head groups only when splits alone would leave threads unevenly loaded: the fewest groups that
          * give every thread the same number of items, where the splits are fewer than two per thread and
          * not a multiple of the threads. A group's rows are a slice of each token's rows, slices of short
@@ -1620,9 +1621,7 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
         int64_t *poff = (int64_t *)malloc(sizeof(int64_t) * (size_t)(a->B + 1)); /* its partial buffer */
         first[0] = 0; poff[0] = 0;
         for (int b = 0; b < a->B; b++) {
-            int ql = a->cu_q[b + 1] - a->cu_q[b], ns = (a->seq_lens[b] + SPLIT - 1) / SPLIT;
-            int on = a->active[b] && ql > 0;
-            ns = ns < 1 ? 1 : ns;
+            const int ql = a->cu_q[b + 1] - a->cu_q[b], ns = splits_of(a->seq_lens[b]), on = a->active[b] && ql > 0;
             first[b + 1] = first[b] + (on ? groups * ns : 0);
             poff[b + 1] = poff[b] + (on && ns > 1 ? (int64_t)groups * ns * hpg * ql * G * (a->Dv + 2) : 0);
         }
@@ -1641,7 +1640,7 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
             while (it < items) {
                 item_claim nx = {&next_item, first, items, hpg, -1, {0, 0, 0, 0}};
                 const item_ref c = item_of(a, first, it, hpg);
-                const int ns = (a->seq_lens[c.b] + SPLIT - 1) / SPLIT > 1 ? (a->seq_lens[c.b] + SPLIT - 1) / SPLIT : 1;
+                const int ns = splits_of(a->seq_lens[c.b]);
                 const int R = (a->cu_q[c.b + 1] - a->cu_q[c.b]) * G;
                 float *part = ns > 1 ? partials + poff[c.b] + ((int64_t)(c.h0 / hpg) * ns + c.split) * hpg * R * (a->Dv + 2) : NULL;
                 decode_item_fast(a, c.b, c.h0, c.h1, ws, c.split, part, &nx);
@@ -1654,8 +1653,8 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
 #endif
             for (int it = 0; it < a->B * groups; it++) {
                 const int b = it / groups, g = it % groups;
-                const int ns = (a->seq_lens[b] + SPLIT - 1) / SPLIT;
-                if (first[b + 1] == first[b] || ns <= 1) continue;
+                const int ns = splits_of(a->seq_lens[b]);
+                if (first[b + 1] == first[b] || ns == 1) continue;
                 const int R = (a->cu_q[b + 1] - a->cu_q[b]) * G;
                 merge_splits(a, b, g * hpg, (g + 1) * hpg, ns, partials + poff[b] + (int64_t)g * ns * hpg * R * (a->Dv + 2));
             }
