@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import torch
 
-from hal.conformance.case import Case, dense_check, lse_declared, paged_check, requires_for
-from hal.conformance.oracles import same_dtype_attention
+from hal.conformance.case import Case, compare_paged, dense_check, paged_check, requires_for
 from hal.conformance.scenarios import BATCHES, HEAD_DIM_SHAPES, MODELS, Batch, Shape, generator, make_paged, randn
-from hal.conformance.tolerances import Comparison, compare
-from hal.reference import paged_attention_reference
+from hal.conformance.tolerances import Comparison
 
 DTYPES_QUICK = ("bf16", "fp32")
 DTYPES_FULL = ("fp32", "fp16", "bf16")
@@ -70,8 +69,6 @@ def _paged_shared_blocks(name: str, shape: Shape, dtype: str, bs: int, backend: 
     from one pool of the batch's whole blocks, so that sequences share blocks (as forked sequences
     and prefix caches do), and a sequence of three or more blocks reads its first block twice. The
     sequences' keys are what their tables address, against the golden on those keys."""
-    import hal
-
     batch = BATCHES["mixed"]
     setup = make_paged(backend, "paged/" + name, shape, batch, dtype, bs)
     rows_k, rows_v, start = {}, {}, 0  # block id -> its bs tokens (whole blocks only)
@@ -84,7 +81,7 @@ def _paged_shared_blocks(name: str, shape: Shape, dtype: str, bs: int, backend: 
     pool = sorted(rows_k)
     assert len(pool) >= 2, "the batch must have whole blocks to share"
     table = setup.block_table.clone()
-    ks, vs, cu_k, turn = [], [], [0], 0
+    ks, vs, turn = [], [], 0
     for b, (blocks, kv) in enumerate(zip(setup.blocks, setup.seq_lens)):
         ids = list(blocks)
         for i in range(len(ids) - 1):  # every whole block but the last: from the pool, in turn
@@ -99,20 +96,9 @@ def _paged_shared_blocks(name: str, shape: Shape, dtype: str, bs: int, backend: 
         parts_v = [rows_v[i] if i in rows_v else setup.v[seq_start + own[i] * bs:seq_start + kv] for i in ids]
         ks.append(torch.cat(parts_k)[:kv] if ids else setup.k[:0])
         vs.append(torch.cat(parts_v)[:kv] if ids else setup.v[:0])
-        cu_k.append(cu_k[-1] + kv)
+    shared = replace(setup, block_table=table, k=torch.cat(ks), v=torch.cat(vs))  # cu_k: the lengths are the same
     q = randn(generator("paged/" + name + "/q"), batch.cu_q[-1], shape.hq, shape.d, dtype=dtype)
-    plan = hal.plan(torch.tensor(setup.cu_q, dtype=torch.int32), torch.tensor(setup.seq_lens, dtype=torch.int32),
-                    table, setup.cache)
-    lse = lse_declared(backend)
-    res = hal.paged_attention(q.to(setup.cache.device), setup.cache, setup.layer, plan, return_lse=lse)
-    out, got_lse = res if lse else (res, None)
-    kc, vc = setup.cache.read(setup.layer, list(range(setup.cache.num_blocks)))
-    g_out, g_lse = paged_attention_reference(q, kc.cpu(), vc.cpu(), setup.cu_q, setup.seq_lens, table)
-    r_out, r_lse = same_dtype_attention(q, torch.cat(ks), torch.cat(vs), setup.cu_q, cu_k, causal=True)
-    comps = [compare("out", dtype, out.cpu(), g_out, r_out)]
-    if lse:
-        comps.append(compare("lse", dtype, got_lse.cpu(), g_lse, r_lse, lse=True))
-    return comps
+    return compare_paged(backend, shared, q, dtype, {})
 
 
 def paged_cases() -> Iterator[Case]:

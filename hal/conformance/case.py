@@ -10,7 +10,7 @@ import torch
 
 from hal.backend import Backend
 from hal.conformance.oracles import golden_attention, same_dtype_attention
-from hal.conformance.scenarios import Batch, Shape, generator, make_paged, randn
+from hal.conformance.scenarios import Batch, PagedSetup, Shape, generator, make_paged, randn
 from hal.conformance.tolerances import Comparison, compare
 from hal.reference import paged_attention_reference
 
@@ -91,11 +91,18 @@ def paged_check(backend: Backend, case: str, shape: Shape, batch: Batch, dtype: 
                 opts: dict[str, Any]) -> list[Comparison]:
     """hal.paged_attention on ``batch`` (permuted pages, NaN poison) against golden computed on what
     ``cache.read`` returns."""
+    setup = make_paged(backend, case, shape, batch, dtype, block_size)
+    q = randn(generator(case + "/q"), batch.cu_q[-1], shape.hq, shape.d, dtype=dtype)
+    return compare_paged(backend, setup, q, dtype, opts)
+
+
+def compare_paged(backend: Backend, setup: PagedSetup, q: torch.Tensor, dtype: str,
+                  opts: dict[str, Any]) -> list[Comparison]:
+    """hal.paged_attention over ``setup``'s block table against the golden on what ``cache.read`` returns
+    through that table, with the same-dtype reference on ``setup.k`` / ``setup.v`` (the keys the table
+    addresses) for the tolerance."""
     import hal
 
-    setup = make_paged(backend, case, shape, batch, dtype, block_size)
-    gen = generator(case + "/q")
-    q = randn(gen, batch.cu_q[-1], shape.hq, shape.d, dtype=dtype)
     lse = lse_declared(backend)
     res = hal.paged_attention(q.to(setup.cache.device), setup.cache, setup.layer, setup.plan(),
                               return_lse=lse, **_on(backend, opts))
