@@ -380,3 +380,17 @@ def test_multi_token_decode_with_16_or_more_rows_matches_reference(q_len: int) -
     want, want_lse = paged_attention_reference(q, kc, vc, cu, seq_lens, table)
     assert (out.double() - want).abs().max() < 2e-2
     assert (lse.double() - want_lse).abs().max() < 1e-4
+
+
+def test_hal_cpu_amx_takes_auto_off_or_emulate_and_names_itself_otherwise() -> None:
+    from hal.backends.cpu.kernels.paged_decode import MLA_BUILD, build
+
+    with hal.config.override(HAL_CPU_AMX="emulate"):
+        assert build() == ("HAL_AMX_EMULATE",)
+        assert build(staged=True) == (*MLA_BUILD, "HAL_AMX_EMULATE")
+    with hal.config.override(HAL_CPU_AMX="off"):
+        assert build() == ("HAL_AMX_OFF",)
+    with hal.config.override(HAL_CPU_AMX="auto"):
+        assert build() == ()
+    with hal.config.override(HAL_CPU_AMX="tiles"), pytest.raises(hal.InvalidInput, match="HAL_CPU_AMX.*emulate"):
+        build()

@@ -57,10 +57,13 @@ class CpuBackend(Backend):
         if self._capabilities is None:  # first call: build (or load) the native kernels, say which run
             from hal import hostmem
             from hal.backends.cpu import kernels
-            from hal.backends.cpu.kernels.paged_decode import MLA_BUILD
+            from hal.backends.cpu.kernels.paged_decode import AMX_STATES, build
 
-            status = {name: kernels.status(name) for name in ("paged_decode", "flash_prefill")}
-            status["paged_decode (quantized MLA build)"] = kernels.status("paged_decode", MLA_BUILD)
+            status = {"paged_decode": kernels.status("paged_decode", build()),
+                      "flash_prefill": kernels.status("flash_prefill")}
+            status["paged_decode (quantized MLA build)"] = kernels.status("paged_decode", build(staged=True))
+            if status["paged_decode"] == "native":
+                status["AMX tiles"] = AMX_STATES[kernels.load("paged_decode", build()).hal_amx_state()]
             if status["flash_prefill"] == "native" and not kernels.load("flash_prefill").hal_flash_prefill_available():
                 status["flash_prefill"] = "built without AVX-512 BF16: bf16 prefill runs in torch"
             note = "native kernels: " + "; ".join(f"{k} {v}" for k, v in status.items())

@@ -65,6 +65,7 @@ def _machine_lines(bb: BackendBench, report: BenchReport) -> list[str]:
                + ", ".join(f"{k} {v:.3g} FLOP/B" for k, v in ridge.items())
                + f"; last-level cache {m.llc_text}; memory {_size(m.memory_bytes)}"
                + (f"; transparent huge pages {m.huge_pages}" if m.huge_pages else ""))
+    out += [f"  backend: {n}" for n in bb.notes]
     out.append(f"  timing:  {report.timing}; decode/MLA cycle layers until one measurement reads "
                f">= {_size(bb.working_set_target)} of KV")
     return out

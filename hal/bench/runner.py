@@ -95,6 +95,7 @@ class BackendBench:
     memory_budget: int | None = None
     cases: list[CaseResult] = field(default_factory=list)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # the backend's own (cpu: which native kernels ran, AMX tiles)
 
     @property
     def errors(self) -> list[CaseResult]:
@@ -380,6 +381,7 @@ def run(names: list[str] | None = None, *, sizes: Sizes = QUICK, kinds: set[str]
         t_backend = time.perf_counter()
         backend = hal.get_backend(name)
         device = backend.default_device()
+        bb.notes = list(backend.capabilities().notes)
         progress.note(name, "measuring the machine: copy and read bandwidth, bf16 and fp32 matmul")
         bb.machine = m = probe_machine(device, info.device, buffer_bytes=sizes.probe_buffer,
                                        matmul_n=sizes.matmul_n, reps=sizes.probe_reps)

@@ -32,6 +32,7 @@
 #include <immintrin.h>
 #endif
 #include "simd.h"
+#include "amx.h"
 /* the fast path: AVX-512 with BF16 dot products and VNNI (every CPU with AVX512-BF16 has both) */
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) \
     && defined(__AVX512DQ__) && defined(__AVX512VL__)
@@ -802,6 +803,97 @@ static inline void pv4f(float *acc, int Dv, int d, const float *p, const uint8_t
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc + (size_t)r * Dv + d + 16 * c, x[r][c]);
 }
 
+static inline int amx_usable(void) { const int s = amx_grant(); return s == AMX_NATIVE || s == AMX_EMULATED; }
+
+#if HAL_AMX
+/* The rows-in-lanes products on AMX tiles (bf16 rows and model, 16 rows a group; see amx.h). Tiles
+ * 0-3 accumulate, 4, 6 and 7 take rows of the cache (or of the weights), 5 the other operand. */
+
+/* st[i][r] = q_r . k_i for sixteen rows and the tile's n <= 64 keys, as scores16t leaves them: per 16
+ * keys, C (16 keys x 16 rows, fp32) += A (16 keys x 32 dims of their rows) B (16 dim pairs x 16 rows:
+ * qt, scores16t's query layout, is already AMX's pair-interleaved B), over D / 32 chunks. Sixteen keys
+ * that lie a constant stride apart (consecutive tokens of one block) are loaded in place; others are
+ * copied into `stage` (ft x D bf16) first, zero past n. Four accumulators in flight, one per 16 keys. */
+static void amx_scores(const uint32_t *qt, int D, const uint8_t *const *kh, int n, float *st, uint16_t *stage,
+                       pf_cursor *pf) {
+    const int ng = (n + 15) / 16, nc = D / 32;
+    const uint8_t *base[4];
+    int64_t stride[4];
+    for (int g = 0; g < ng; g++) {
+        const int i0 = 16 * g;
+        int direct = i0 + 16 <= n;
+        const int64_t s = direct ? (int64_t)(kh[i0 + 1] - kh[i0]) : 0;
+        for (int j = 2; direct && j < 16; j++) direct = (int64_t)(kh[i0 + j] - kh[i0]) == j * s;
+        if (direct) {
+            base[g] = kh[i0];
+            stride[g] = s;
+            continue;
+        }
+        uint16_t *dst = stage + (size_t)i0 * D;
+        for (int j = 0; j < 16; j++) {
+            if (i0 + j < n) memcpy(dst + (size_t)j * D, kh[i0 + j], 2 * (size_t)D);
+            else memset(dst + (size_t)j * D, 0, 2 * (size_t)D);
+        }
+        base[g] = (const uint8_t *)dst;
+        stride[g] = 2 * (int64_t)D;
+    }
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int c = 0; c < nc; c++) {
+        if (pf) pf_step(pf, n * (c + 1) / nc - n * c / nc, 0);
+        _tile_loadd(5, qt + (size_t)c * 256, 64);
+        _tile_loadd(4, base[0] + 64 * (size_t)c, stride[0]);
+        _tile_dpbf16ps(0, 4, 5);
+        if (ng > 1) { _tile_loadd(6, base[1] + 64 * (size_t)c, stride[1]); _tile_dpbf16ps(1, 6, 5); }
+        if (ng > 2) { _tile_loadd(7, base[2] + 64 * (size_t)c, stride[2]); _tile_dpbf16ps(2, 7, 5); }
+        if (ng > 3) { _tile_loadd(4, base[3] + 64 * (size_t)c, stride[3]); _tile_dpbf16ps(3, 4, 5); }
+    }
+    _tile_stored(0, st, 64);
+    if (ng > 1) _tile_stored(1, st + 256, 64);
+    if (ng > 2) _tile_stored(2, st + 512, 64);
+    if (ng > 3) _tile_stored(3, st + 768, 64);
+}
+
+/* acc[16 rows][Dv] += the rows' weights (bf16 pairs, row r's pair k at w[r * WR + k], zero past the
+ * tile's keys) times the tile's value rows, 64 dims at a time: C (16 rows x 16 dims, fp32, in acc) +=
+ * A (16 rows x 16 token pairs of weights) B (16 token pairs x 16 dims). B needs each pair's two rows
+ * interleaved, so they are staged (`stage`: 32 pairs x 64 dims) by the 16-bit unpacks pv4 uses, and
+ * acc keeps pv4's dim order (ORDER_PAIRS). Tokens past n are staged as zeros: a stale row could hold
+ * NaN, and 0 x NaN is NaN. */
+static void amx_pv(float *acc, int Dv, const uint32_t *w, int WR, const uint8_t *const *vh, int n,
+                   uint32_t *stage, pf_cursor *pf) {
+    const int np = (n + 1) / 2, nt = (np + 15) / 16;   /* token pairs; chunks of 16 pairs (32 tokens) */
+    for (int d = 0; d < Dv; d += 64) {
+        for (int k = 0; k < 16 * nt; k++) {
+            uint32_t *dst = stage + (size_t)k * 64;
+            if (2 * k >= n) {
+                memset(dst, 0, 256);
+                continue;
+            }
+            const uint8_t *va = vh[2 * k] + 2 * (size_t)d, *vb = 2 * k + 1 < n ? vh[2 * k + 1] + 2 * (size_t)d : zero_row;
+            const __m512i A0 = _mm512_loadu_si512(va), B0 = _mm512_loadu_si512(vb);
+            const __m512i A1 = _mm512_loadu_si512(va + 64), B1 = _mm512_loadu_si512(vb + 64);
+            _mm512_storeu_si512(dst, _mm512_unpacklo_epi16(A0, B0));
+            _mm512_storeu_si512(dst + 16, _mm512_unpackhi_epi16(A0, B0));
+            _mm512_storeu_si512(dst + 32, _mm512_unpacklo_epi16(A1, B1));
+            _mm512_storeu_si512(dst + 48, _mm512_unpackhi_epi16(A1, B1));
+        }
+        if (pf) pf_step(pf, np, 0);
+        float *c0 = acc + d;
+        const int64_t rs = 4 * (int64_t)Dv;
+        _tile_loadd(0, c0, rs); _tile_loadd(1, c0 + 16, rs); _tile_loadd(2, c0 + 32, rs); _tile_loadd(3, c0 + 48, rs);
+        for (int t = 0; t < nt; t++) {
+            const uint32_t *b = stage + (size_t)t * 16 * 64;
+            _tile_loadd(4, w + 16 * t, 4 * (int64_t)WR);
+            _tile_loadd(5, b, 256); _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(6, b + 16, 256); _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(7, b + 32, 256); _tile_dpbf16ps(2, 4, 7);
+            _tile_loadd(5, b + 48, 256); _tile_dpbf16ps(3, 4, 5);
+        }
+        _tile_stored(0, c0, rs); _tile_stored(1, c0 + 16, rs); _tile_stored(2, c0 + 32, rs); _tile_stored(3, c0 + 48, rs);
+    }
+}
+#endif
+
 /* s[c][i] = st[i][c] for a 16 x 16 block: 4 x 4 transposes inside 128-bit lanes, then of the lanes */
 static inline void transpose16(const float *st, float *s, size_t stride) {
     __m512 u[4][4];                          /* u[j][g] lane q: rows 4g .. 4g+3 of column 4q + j */
@@ -1153,10 +1245,21 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     const int pos_first = S - ql;
     /* 16 or more bf16 rows (MLA's heads, wide GQA groups, multi-token decode): scores16t */
     const int use_t = (KF == FMT_BF16 || STAGED16(KF)) && !WIDE && R4 % 16 == 0;  /* STAGED16: the MLA build */
+#if HAL_AMX
+    const int AMX = KF == FMT_BF16 && VF == FMT_BF16 && use_t && amx_usable();  /* bf16 16-row groups on tiles */
+#else
+    enum { AMX = 0 };                         /* (a constant: the builds without tiles keep their code) */
+#endif
     const int NG = is_grp(VF) ? Dv / 32 : 1, WR = (FT / 2) * NG;  /* weight sets per row (int4: per group) */
     const int quad = !WIDE && !use_t && !is_grp(VF);  /* softmax4 on scores4's output, not per row */
     const int vrow_dim = is_grp(VF) ? (int)(a->v_width * 16 / 9) : Dv;  /* int4 V rows: dim/2 + dim/16 bytes */
     uint16_t *tmp_q = use_t ? (uint16_t *)malloc(sizeof(uint16_t) * (size_t)R4 * D) : NULL;
+    /* AMX (bf16 rows, 16-row groups: use_t): staging for keys that are not evenly spaced, and for value pairs */
+#if HAL_AMX
+    uint16_t *amx_k = AMX ? (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * FT * (size_t)D) : NULL;
+    uint32_t *amx_v = AMX ? (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * 32 * 64) : NULL;
+    if (AMX) amx_configure();
+#endif
     for (int hh = 0; hh < NH; hh++) {
         const int h = h0 + hh;
         uint16_t *qb = WS_Q(hh);
@@ -1251,7 +1354,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
          * pages permuted: halves in turn, 3 rounds, bf16 4.87-4.90 -> 4.37 ms per layer, fp8 3.21-3.63 ->
          * 2.96-3.12; then the swap, 6 rounds, bf16 3.81 -> 3.33 (a fast-memory minute), fp8 3.24 -> 3.15.
          * int8 unchanged (its 130-byte rows are no whole number of lines apart). */
-        const int alt = !causal_cut && !window_cut && !a->alibi, half = (n + 1) / 2;
+        const int alt = !causal_cut && !window_cut && !a->alibi && !AMX, half = (n + 1) / 2;  /* AMX: in order */
         for (int i = 0; i < n; i++) {
             const int k = i / 2, swap = (k & 1) && 2 * k + 1 < n;  /* (an odd n's last key stays token k) */
             const int j = j0 + (alt ? ((i % 2) ^ swap ? half + k : k) : i);
@@ -1350,6 +1453,11 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             vh[n] = zero_row;
             /* scores: four rows at a time, up to 128 dims of their queries in registers */
             for (int g = 0; use_t && g < R4 / 16; g++) {
+#if HAL_AMX
+                if (AMX)
+                    amx_scores((const uint32_t *)qb + (size_t)g * (D / 2) * 16, D, kh, n, st16, amx_k, g == 0 ? &cur : NULL);
+                else
+#endif
 #ifdef HAL_STAGED16
                 if (KF != FMT_BF16)
                     scores16t_quant((const uint32_t *)qb + (size_t)g * (D / 2) * 16, D, kh, n, st16, g == 0 ? &cur : NULL, KF);
@@ -1457,7 +1565,11 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             for (int r = 0; WIDE && r < R4; r += 4)
                 for (int d = 0; d < Dv; d += 64)
                     pv4f(acc + (size_t)r * Dv, Dv, d, s + (size_t)r * FT, vh, n, VF);
-            for (int r = 0; !WIDE && r < R4; r += 4)
+#if HAL_AMX
+            for (int g = 0; AMX && g < R4 / 16; g++)
+                amx_pv(acc + (size_t)16 * g * Dv, Dv, w + (size_t)16 * g * WR, WR, vh, n, amx_v, g == 0 ? &cur : NULL);
+#endif
+            for (int r = 0; !WIDE && !AMX && r < R4; r += 4)
                 for (int d = 0; d < Dv; d += 64)
                     pv4(acc + (size_t)r * Dv, Dv, d, w + (size_t)r * WR, WR, 1, wscale + r * NG, NG, vh, npairs, VF,
                         r == 0 ? &cur : NULL);
@@ -1491,6 +1603,13 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
 #undef WS_S
 #undef WS_W
     free(tmp_q);
+#if HAL_AMX
+    if (AMX) {
+        free(amx_k);
+        free(amx_v);
+        _tile_release();
+    }
+#endif
 }
 
 /* One function per row format, not one function with every format inlined: grown by softmax4's paths,
@@ -1582,7 +1701,18 @@ int hal_decode_supports(int dtype, int kfmt, int vfmt, int D, int Dv) {
 
 /* Computes the active sequences; returns 0, or 1 (and computes nothing) when an active sequence has more
  * than MAX_ROWS rows or a head dim exceeds MAX_DIM: the caller must not mark such sequences active. */
+/* AMX_NONE (no tiles in this build), AMX_NATIVE, AMX_EMULATED (HAL_AMX_EMULATE) or AMX_REFUSED (the CPU
+ * has them, Linux did not grant them): whether 16-row bf16 groups run on tiles */
+int hal_amx_state(void) {
+#if HAL_FAST
+    return amx_grant();
+#else
+    return AMX_NONE;                          /* the tile code is part of the AVX-512 BF16 path */
+#endif
+}
+
 int hal_paged_decode(const decode_args *a, int num_threads) {
+    (void)amx_grant();                        /* asked once, before any thread reads the answer */
     const int G = a->Hq / a->Hkv;
     int max_rows = 0;
     for (int b = 0; b < a->B; b++) {

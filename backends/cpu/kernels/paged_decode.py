@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
+from hal import config
 from hal.backend import AttentionParams
+from hal.errors import InvalidInput
 from hal.plan import Plan
 
 from . import generation as kernels_generation
@@ -27,6 +29,20 @@ MAX_ROWS, MAX_DIM = 256, 1024  # as in paged_decode.c
 # cache, never by the batch, so a sequence's arithmetic never depends on its neighbours.
 MLA_BUILD = ("HAL_STAGED16",)  # the macros of that build (kernels.load)
 _STAGED_KV = ("int8", "int6", "fp8_e4m3", "fp8_e5m2")
+# HAL_CPU_AMX: bf16 rows in 16-row groups (MLA's heads, wide GQA groups) on AMX tiles (kernels/amx.h):
+# auto (where the build targets them and Linux grants them), off, or emulate (a C model of the tile
+# instructions, to test their code on a CPU without them)
+_AMX_MACROS = {"auto": (), "off": ("HAL_AMX_OFF",), "emulate": ("HAL_AMX_EMULATE",)}
+AMX_STATES = {0: "not in this build", 1: "native", 2: "emulated (HAL_CPU_AMX=emulate)",
+              3: "the CPU has them, Linux refused them"}  # hal_amx_state()
+
+
+def build(staged: bool = False) -> tuple[str, ...]:
+    """The macros of the paged_decode build: the quantized MLA build's (``staged``) and HAL_CPU_AMX's."""
+    mode = str(config.get("HAL_CPU_AMX")).lower()
+    if mode not in _AMX_MACROS:
+        raise InvalidInput(f"[hal.config] HAL_CPU_AMX={mode!r}: expected one of {sorted(_AMX_MACROS)}")
+    return (MLA_BUILD if staged else ()) + _AMX_MACROS[mode]
 
 
 class _Args(ctypes.Structure):
@@ -109,7 +125,7 @@ def applies(storage: object, q: torch.Tensor) -> bool:
 
 def _library(spec: object) -> ctypes.CDLL | None:
     staged = spec.is_mla and spec.kv_dtype in _STAGED_KV  # type: ignore[attr-defined]
-    return load("paged_decode", MLA_BUILD if staged else ())
+    return load("paged_decode", build(staged))
 
 
 @functools.lru_cache(maxsize=256)

@@ -1,0 +1,113 @@
+/* AMX tiles (AMX-TILE, AMX-BF16) for the cpu kernels' bf16 rows-in-lanes paths, native or modelled in C.
+ *
+ * HAL_AMX is 1 where the build has tiles: natively when the compiler targets AMX-TILE and AMX-BF16
+ * (-march=native on Sapphire Rapids and later) and HAL_AMX_OFF is not defined, or as a C model of the
+ * instructions with HAL_AMX_EMULATE (HAL_CPU_AMX=emulate), which proves the tile code's layouts,
+ * strides and order on any CPU; slowly. Native tiles also need Linux's consent per process
+ * (arch_prctl ARCH_REQ_XCOMP_PERM): amx_grant() asks once, and without it the AVX-512 paths run.
+ *
+ * The model follows the SDM's TDPBF16PS: per output element, for each dim pair k in order, the even
+ * then the odd product added in fp32, bf16 denormal inputs read as zero. All tiles are configured
+ * 16 rows x 64 bytes (palette 1). */
+#ifndef HAL_CPU_AMX_H
+#define HAL_CPU_AMX_H
+#include <stdint.h>
+#include <string.h>
+
+enum { AMX_NONE = 0, AMX_NATIVE = 1, AMX_EMULATED = 2, AMX_REFUSED = 3 };  /* hal_amx_state() */
+
+#if defined(HAL_AMX_EMULATE)
+#define HAL_AMX 1
+#define HAL_AMX_NATIVE 0
+typedef struct {
+    uint8_t row[16][64];
+    int rows, colsb;
+} amx_model_tile;
+static _Thread_local amx_model_tile amx_model[8];
+
+static inline void amx_model_config(const uint8_t *cfg) {
+    for (int t = 0; t < 8; t++) {
+        uint16_t cb;
+        memcpy(&cb, cfg + 16 + 2 * t, 2);
+        amx_model[t].colsb = cb;
+        amx_model[t].rows = cfg[48 + t];
+        memset(amx_model[t].row, 0, sizeof amx_model[t].row);
+    }
+}
+static inline void amx_model_load(int t, const void *base, int64_t stride) {
+    amx_model_tile *x = &amx_model[t];
+    memset(x->row, 0, sizeof x->row);
+    for (int r = 0; r < x->rows; r++) memcpy(x->row[r], (const uint8_t *)base + r * stride, (size_t)x->colsb);
+}
+static inline void amx_model_store(int t, void *base, int64_t stride) {
+    const amx_model_tile *x = &amx_model[t];
+    for (int r = 0; r < x->rows; r++) memcpy((uint8_t *)base + r * stride, x->row[r], (size_t)x->colsb);
+}
+static inline float amx_model_bf16(const uint8_t *p) {  /* denormals read as zero */
+    uint16_t b;
+    memcpy(&b, p, 2);
+    if ((b & 0x7f80) == 0) b &= 0x8000;
+    const uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline void amx_model_dpbf16ps(int c, int a, int b) {
+    amx_model_tile *C = &amx_model[c];
+    const amx_model_tile *A = &amx_model[a], *B = &amx_model[b];
+    for (int m = 0; m < C->rows; m++) {
+        float acc[16];
+        memcpy(acc, C->row[m], sizeof acc);
+        for (int k = 0; k < A->colsb / 4; k++)
+            for (int n = 0; n < C->colsb / 4; n++) {
+                acc[n] += amx_model_bf16(A->row[m] + 4 * k) * amx_model_bf16(B->row[k] + 4 * n);
+                acc[n] += amx_model_bf16(A->row[m] + 4 * k + 2) * amx_model_bf16(B->row[k] + 4 * n + 2);
+            }
+        memcpy(C->row[m], acc, sizeof acc);
+    }
+}
+#undef _tile_loadd
+#undef _tile_stored
+#undef _tile_zero
+#undef _tile_dpbf16ps
+#define _tile_loadconfig(cfg) amx_model_config((const uint8_t *)(cfg))
+#define _tile_release() ((void)0)
+#define _tile_loadd(t, base, stride) amx_model_load(t, base, stride)
+#define _tile_stored(t, base, stride) amx_model_store(t, base, stride)
+#define _tile_zero(t) memset(amx_model[t].row, 0, sizeof amx_model[t].row)
+#define _tile_dpbf16ps(c, a, b) amx_model_dpbf16ps(c, a, b)
+static inline int amx_grant(void) { return AMX_EMULATED; }
+
+#elif defined(__AMX_TILE__) && defined(__AMX_BF16__) && !defined(HAL_AMX_OFF)
+#define HAL_AMX 1
+#define HAL_AMX_NATIVE 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+long syscall(long number, ...);              /* <unistd.h> declares it only with _DEFAULT_SOURCE */
+static inline int amx_grant(void) {  /* once per process: Linux lends tile state only on request */
+    static int state = -1;
+    if (state < 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0
+                         ? AMX_NATIVE : AMX_REFUSED;
+    return state;
+}
+
+#else
+#define HAL_AMX 0
+#define HAL_AMX_NATIVE 0
+static inline int amx_grant(void) { return AMX_NONE; }
+#endif
+
+#if HAL_AMX
+static inline void amx_configure(void) {  /* every tile 16 rows x 64 bytes; per thread, before its tiles */
+    uint8_t cfg[64] __attribute__((aligned(64)));
+    memset(cfg, 0, sizeof cfg);
+    cfg[0] = 1;                              /* palette 1 */
+    for (int t = 0; t < 8; t++) {
+        const uint16_t colsb = 64;
+        memcpy(cfg + 16 + 2 * t, &colsb, 2);
+        cfg[48 + t] = 16;
+    }
+    _tile_loadconfig(cfg);
+}
+#endif
+#endif
