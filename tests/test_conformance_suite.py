@@ -101,14 +101,15 @@ def _has_avx512_bf16() -> bool:
 
 
 @pytest.mark.skipif(not _has_avx512_bf16(), reason="the AMX tile code is part of the AVX-512 BF16 path")
-def test_cpu_passes_mla_and_paged_on_amx_tiles_in_their_c_model() -> None:
-    # bf16 rows in 16-row groups (MLA's heads, 16+ GQA rows) run on AMX tiles where the CPU has them;
-    # here the tile instructions run in kernels/amx.h's C model, so the suite checks the tile code's
-    # layouts, strides and staging (a model that drops each pair's odd product fails 31 cases)
+def test_cpu_passes_mla_paged_and_quant_on_amx_tiles_in_their_c_model() -> None:
+    # bf16 rows in 16-row groups (MLA's heads, 16+ GQA rows) and int8 rows in 4-row groups run on AMX
+    # tiles where the CPU has them; here the tile instructions run in kernels/amx.h's C model, so the
+    # suite checks the tile code's layouts, strides and staging (a model that drops each bf16 pair's
+    # odd product fails 31 cases; int8 weights without their low bytes fail all 7 int8 decode cases)
     env = {"HAL_CPU_AMX": "emulate"}
     info = _hal_with(env, "info")
     assert "AMX tiles emulated" in info.stdout, info.stdout[-2000:]
-    res = _hal_with(env, "conformance", "--backend", "cpu", "--level", "full", "--family", "mla,paged")
+    res = _hal_with(env, "conformance", "--backend", "cpu", "--level", "full", "--family", "mla,paged,quant")
     assert res.returncode == 0, res.stdout[-3000:]
     assert "FAIL" not in res.stdout and "pass" in res.stdout
     off = _hal_with({"HAL_CPU_AMX": "off"}, "info")

@@ -1,14 +1,16 @@
-/* AMX tiles (AMX-TILE, AMX-BF16) for the cpu kernels' bf16 rows-in-lanes paths, native or modelled in C.
+/* AMX tiles (AMX-TILE, AMX-BF16, AMX-INT8) for the cpu decode kernel's bf16 16-row groups and int8
+ * 4-row groups (paged_decode.c), native or modelled in C.
  *
  * HAL_AMX is 1 where the build has tiles: natively when the compiler targets AMX-TILE and AMX-BF16
- * (-march=native on Sapphire Rapids and later) and HAL_AMX_OFF is not defined, or as a C model of the
- * instructions with HAL_AMX_EMULATE (HAL_CPU_AMX=emulate), which proves the tile code's layouts,
- * strides and order on any CPU; slowly. Native tiles also need Linux's consent per process
- * (arch_prctl ARCH_REQ_XCOMP_PERM): amx_grant() asks once, and without it the AVX-512 paths run.
+ * (-march=native on Sapphire Rapids and later; HAL_AMX_INT8 also needs AMX-INT8) and HAL_AMX_OFF is
+ * not defined, or as a C model of the instructions with HAL_AMX_EMULATE (HAL_CPU_AMX=emulate), which
+ * proves the tile code's layouts, strides and order on any CPU; slowly. Native tiles also need
+ * Linux's consent per process (arch_prctl ARCH_REQ_XCOMP_PERM): amx_grant() asks once, and without
+ * it the AVX-512 paths run.
  *
- * The model follows the SDM's TDPBF16PS: per output element, for each dim pair k in order, the even
- * then the odd product added in fp32, bf16 denormal inputs read as zero. All tiles are configured
- * 16 rows x 64 bytes (palette 1). */
+ * The model follows the SDM: TDPBF16PS per output element, for each dim pair k in order, the even then
+ * the odd product added in fp32, bf16 denormal inputs read as zero; TDPBSUD and TDPBUSD as int32 sums
+ * of byte products, wrapping. Tile shapes come from the configuration (palette 1). */
 #ifndef HAL_CPU_AMX_H
 #define HAL_CPU_AMX_H
 #include <stdint.h>
@@ -18,6 +20,7 @@ enum { AMX_NONE = 0, AMX_NATIVE = 1, AMX_EMULATED = 2, AMX_REFUSED = 3 };  /* ha
 
 #if defined(HAL_AMX_EMULATE)
 #define HAL_AMX 1
+#define HAL_AMX_INT8 1
 #define HAL_AMX_NATIVE 0
 typedef struct {
     uint8_t row[16][64];
@@ -70,6 +73,28 @@ static inline void amx_model_dpbf16ps(int c, int a, int b) {
 #undef _tile_stored
 #undef _tile_zero
 #undef _tile_dpbf16ps
+/* TDPBSUD / TDPBUSD: C (int32) += A . B over groups of four bytes, signed A and unsigned B or the
+ * reverse; the sums wrap as the instructions' do */
+static inline void amx_model_dpb(int c, int a, int b, int a_signed) {
+    amx_model_tile *C = &amx_model[c];
+    const amx_model_tile *A = &amx_model[a], *B = &amx_model[b];
+    for (int m = 0; m < C->rows; m++) {
+        uint32_t acc[16];
+        memcpy(acc, C->row[m], sizeof acc);
+        for (int k = 0; k < A->colsb / 4; k++)
+            for (int n = 0; n < C->colsb / 4; n++)
+                for (int i = 0; i < 4; i++) {
+                    const int x = a_signed ? (int8_t)A->row[m][4 * k + i] : A->row[m][4 * k + i];
+                    const int y = a_signed ? B->row[k][4 * n + i] : (int8_t)B->row[k][4 * n + i];
+                    acc[n] += (uint32_t)(x * y);
+                }
+        memcpy(C->row[m], acc, sizeof acc);
+    }
+}
+#undef _tile_dpbsud
+#undef _tile_dpbusd
+#define _tile_dpbsud(c, a, b) amx_model_dpb(c, a, b, 1)
+#define _tile_dpbusd(c, a, b) amx_model_dpb(c, a, b, 0)
 #define _tile_loadconfig(cfg) amx_model_config((const uint8_t *)(cfg))
 #define _tile_release() ((void)0)
 #define _tile_loadd(t, base, stride) amx_model_load(t, base, stride)
@@ -80,6 +105,11 @@ static inline int amx_grant(void) { return AMX_EMULATED; }
 
 #elif defined(__AMX_TILE__) && defined(__AMX_BF16__) && !defined(HAL_AMX_OFF)
 #define HAL_AMX 1
+#if defined(__AMX_INT8__)
+#define HAL_AMX_INT8 1
+#else
+#define HAL_AMX_INT8 0
+#endif
 #define HAL_AMX_NATIVE 1
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -93,21 +123,27 @@ static inline int amx_grant(void) {  /* once per process: Linux lends tile state
 
 #else
 #define HAL_AMX 0
+#define HAL_AMX_INT8 0
 #define HAL_AMX_NATIVE 0
 static inline int amx_grant(void) { return AMX_NONE; }
 #endif
 
 #if HAL_AMX
-static inline void amx_configure(void) {  /* every tile 16 rows x 64 bytes; per thread, before its tiles */
+/* tile t: rows[t] rows of colsb[t] bytes (palette 1); per thread, before its tiles */
+static inline void amx_configure_shapes(const uint8_t rows[8], const uint16_t colsb[8]) {
     uint8_t cfg[64] __attribute__((aligned(64)));
     memset(cfg, 0, sizeof cfg);
-    cfg[0] = 1;                              /* palette 1 */
+    cfg[0] = 1;
     for (int t = 0; t < 8; t++) {
-        const uint16_t colsb = 64;
-        memcpy(cfg + 16 + 2 * t, &colsb, 2);
-        cfg[48 + t] = 16;
+        memcpy(cfg + 16 + 2 * t, &colsb[t], 2);
+        cfg[48 + t] = rows[t];
     }
     _tile_loadconfig(cfg);
+}
+static inline void amx_configure(void) {  /* the bf16 paths: every tile 16 rows x 64 bytes */
+    static const uint8_t rows[8] = {16, 16, 16, 16, 16, 16, 16, 16};
+    static const uint16_t colsb[8] = {64, 64, 64, 64, 64, 64, 64, 64};
+    amx_configure_shapes(rows, colsb);
 }
 #endif
 #endif

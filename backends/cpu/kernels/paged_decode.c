@@ -19,7 +19,8 @@
  * head (absorbed MLA, FlashMLA's "MQA mode").
  *
  * Built with -march=native on the machine that runs it: the AVX-512 BF16 path when the compiler
- * targets it, plain C loops otherwise.
+ * targets it, plain C loops otherwise; on CPUs with AMX, bf16 16-row groups and int8 4-row groups
+ * take their products on tiles (amx.h, amx_scores*, amx_pv*).
  */
 #include <math.h>
 #include <stdint.h>
@@ -894,6 +895,149 @@ static void amx_pv(float *acc, int Dv, const uint32_t *w, int WR, const uint8_t 
 }
 #endif
 
+#if HAL_AMX_INT8 && !defined(HAL_STAGED16) && defined(__AVX512VBMI__)
+#define HAL_AMX8 1
+/* int8 rows, 4-row groups (GQA decode), on AMX-INT8 tiles, with the AVX-512 path's arithmetic: the
+ * int16 queries and int16 weights each split into two bytes, so that the byte products (TDPBSUD,
+ * TDPBUSD) give the same exact int32 sums as its VPDPWSSD, and the same floats after them. Tiles
+ * (amx_configure_int8): 0, 1 a tile's scores (16 keys x 16 int32 columns), 2 keys (16 x 64 dims), 3
+ * query planes (16 dim quads x 16 columns); 4 weight planes (8 x 32 keys), 5 staged values (8 key
+ * quads x 16 dims x 4 keys), 6 P.V sums (8 x 16 dims). A tile is FT8 = 32 keys. */
+static inline void amx_configure_int8(void) {
+    static const uint8_t rows[8] = {16, 16, 16, 16, 8, 8, 8, 8};
+    static const uint16_t colsb[8] = {64, 64, 64, 64, 32, 64, 64, 64};
+    amx_configure_shapes(rows, colsb);
+}
+
+/* B of the scores for four int16 query rows q (D each), per 64 dims c: planes[c][k][n], 4-byte
+ * groups of dims 64 c + 4 k .. + 3: column n < 4 the high bytes of row n's q + 32768 (unsigned), n in
+ * 4 .. 7 their low bytes, n = 8 ones (a key's sum, to take the 32768 back off), zero past 8. */
+static void amx_q_planes(const uint16_t *q, int D, uint8_t *planes) {
+    memset(planes, 0, (size_t)D / 64 * 1024);
+    for (int d = 0; d < D; d++) {
+        uint8_t *g = planes + (size_t)(d / 64) * 1024 + (size_t)((d % 64) / 4) * 64 + d % 4;  /* row, byte */
+        for (int r = 0; r < 4; r++) {
+            const uint16_t u = (uint16_t)(q[(size_t)r * D + d] + 32768u);
+            g[4 * r] = (uint8_t)(u >> 8);
+            g[4 * (4 + r)] = (uint8_t)u;
+        }
+        g[4 * 8] = 1;
+    }
+}
+
+/* st[i][r] = the int32 dot product of key i with row r (as a float, as reduce4i gives it) for the
+ * tile's n <= 32 keys: 256 hi + lo - 32768 sum(k). Sixteen keys one stride apart load in place, others
+ * are staged (`stage`: 32 x D bytes, zero past n). Copies the rows' scales as scores4 does (sc). */
+static void amx_scores_int8(const uint8_t *planes, int D, const uint8_t *const *kh, int n, float *st, uint8_t *stage,
+                            pf_cursor *pf, const scale_copy *sc) {
+    const int ng = (n + 15) / 16;
+    const uint8_t *base[2];
+    int64_t stride[2];
+    if (sc)
+        for (int i = 0; i < n; i++) {
+            memcpy(sc->kt + i, kh[i] + sc->koff, 2);
+            memcpy(sc->vt + i, sc->vr[i] + sc->voff, 2);
+        }
+    for (int g = 0; g < ng; g++) {
+        const int i0 = 16 * g;
+        int direct = i0 + 16 <= n;
+        const int64_t s = direct ? (int64_t)(kh[i0 + 1] - kh[i0]) : 0;
+        for (int j = 2; direct && j < 16; j++) direct = (int64_t)(kh[i0 + j] - kh[i0]) == j * s;
+        if (direct) {
+            base[g] = kh[i0];
+            stride[g] = s;
+            continue;
+        }
+        uint8_t *dst = stage + (size_t)i0 * D;
+        for (int j = 0; j < 16; j++) {
+            if (i0 + j < n) memcpy(dst + (size_t)j * D, kh[i0 + j], (size_t)D);
+            else memset(dst + (size_t)j * D, 0, (size_t)D);
+        }
+        base[g] = dst;
+        stride[g] = D;
+    }
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int c = 0; c < D / 64; c++) {
+        if (pf) pf_step(pf, n * (c + 1) / (D / 64) - n * c / (D / 64), 1);
+        _tile_loadd(3, planes + (size_t)c * 1024, 64);
+        _tile_loadd(2, base[0] + 64 * (size_t)c, stride[0]);
+        _tile_dpbsud(0, 2, 3);
+        if (ng > 1) {
+            _tile_loadd(2, base[1] + 64 * (size_t)c, stride[1]);
+            _tile_dpbsud(1, 2, 3);
+        }
+    }
+    int32_t sums[32][16] __attribute__((aligned(64)));
+    _tile_stored(0, sums[0], 64);
+    if (ng > 1) _tile_stored(1, sums[16], 64);
+    for (int i = 0; i < n; i++) {
+        const __m128i hi = _mm_load_si128((const __m128i *)sums[i]), lo = _mm_load_si128((const __m128i *)(sums[i] + 4));
+        const __m128i x = _mm_sub_epi32(_mm_add_epi32(_mm_slli_epi32(hi, 8), lo), _mm_set1_epi32((int)((uint32_t)sums[i][8] << 15)));
+        _mm_storeu_ps(st + 4 * i, _mm_cvtepi32_ps(x));
+    }
+}
+
+/* acc[r][Dv] (rows r0 .. r0 + 3, ORDER_FP8_TABLE's dim order) += wscale[r] times the int32 sum over
+ * the tile's keys of row r's int16 weight (softmax4's pair-major w4) times the key's int8 values: A =
+ * the weights' high bytes (rows 0-3) and low bytes (rows 4-7), B = four keys' values interleaved by
+ * byte and word unpacks (`stage`: 8 quads x 4 x 64 bytes), so 256 hi + lo is pv4_int8's exact sum.
+ * Keys past n stage as zeros. */
+static uint8_t amx8_planes_ix[4][64] __attribute__((aligned(64)));  /* see amx_pv_int8 */
+
+__attribute__((constructor)) static void amx8_planes_init(void) {
+    for (int p = 0; p < 256; p++) {          /* plane byte p: row m = p / 32 (high bytes for m < 4), key t */
+        const int m = p / 32, t = p % 32 % 16, r = m % 4;  /* t: within its half, whose 128 bytes hold it */
+        amx8_planes_ix[p / 64][p % 64] = (uint8_t)(2 * (8 * (t / 2) + 2 * r + t % 2) + (m < 4));
+    }
+}
+
+static void amx_pv_int8(float *acc, int Dv, const uint32_t *w4, const float *wscale, const uint8_t *const *vh,
+                        int n, int npairs, uint8_t *stage, pf_cursor *pf) {
+    /* the weights' byte planes, wp[m][t]: key t of row m's high byte (m < 4) or row m - 4's low byte; in
+     * w4 key t of row r is 16-bit word 8 (t / 2) + 2 r + t % 2, keys 0-15 in its first 128 bytes */
+    uint8_t wp[8][32] __attribute__((aligned(64)));
+    const __m512i s0 = _mm512_loadu_si512(w4), s1 = _mm512_loadu_si512(w4 + 16);
+    const __m512i s2 = _mm512_loadu_si512(w4 + 32), s3 = _mm512_loadu_si512(w4 + 48);
+    for (int j = 0; j < 4; j++) {
+        const __m512i ix = _mm512_load_si512(amx8_planes_ix[j]);
+        _mm512_store_si512(wp[2 * j], _mm512_mask_blend_epi8(0xFFFF0000FFFF0000ULL, _mm512_permutex2var_epi8(s0, ix, s1),
+                                                             _mm512_permutex2var_epi8(s2, ix, s3)));
+    }
+    _tile_loadd(4, wp[0], 32);
+    for (int d = 0; d < Dv; d += 64) {
+        for (int j = 0; j < 8; j++) {
+            const uint8_t *r0 = 4 * j < n ? vh[4 * j] + d : zero_row, *r1 = 4 * j + 1 < n ? vh[4 * j + 1] + d : zero_row;
+            const uint8_t *r2 = 4 * j + 2 < n ? vh[4 * j + 2] + d : zero_row, *r3 = 4 * j + 3 < n ? vh[4 * j + 3] + d : zero_row;
+            const __m512i a = _mm512_loadu_si512(r0), b = _mm512_loadu_si512(r1);
+            const __m512i c = _mm512_loadu_si512(r2), e = _mm512_loadu_si512(r3);
+            const __m512i ablo = _mm512_unpacklo_epi8(a, b), abhi = _mm512_unpackhi_epi8(a, b);
+            const __m512i cdlo = _mm512_unpacklo_epi8(c, e), cdhi = _mm512_unpackhi_epi8(c, e);
+            uint8_t *dst = stage + (size_t)j * 256;  /* vector q: per 128-bit lane L, dims 16 L + 4 q .. + 3 */
+            _mm512_store_si512(dst, _mm512_unpacklo_epi16(ablo, cdlo));
+            _mm512_store_si512(dst + 64, _mm512_unpackhi_epi16(ablo, cdlo));
+            _mm512_store_si512(dst + 128, _mm512_unpacklo_epi16(abhi, cdhi));
+            _mm512_store_si512(dst + 192, _mm512_unpackhi_epi16(abhi, cdhi));
+        }
+        if (pf) pf_step(pf, npairs, 1);
+        for (int q = 0; q < 4; q++) {
+            int32_t sums[8][16] __attribute__((aligned(64)));
+            _tile_loadd(5, stage + 64 * q, 256);
+            _tile_zero(6);
+            _tile_dpbusd(6, 4, 5);
+            _tile_stored(6, sums[0], 64);
+            for (int r = 0; r < 4; r++) {
+                float *row = acc + (size_t)r * Dv + d + 16 * q;
+                const __m512i x = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[r]), 8), _mm512_load_si512(sums[4 + r]));
+                _mm512_storeu_ps(row, _mm512_fmadd_ps(_mm512_set1_ps(wscale[r]), _mm512_cvtepi32_ps(x), _mm512_loadu_ps(row)));
+            }
+        }
+    }
+}
+#else
+#define HAL_AMX8 0
+#endif
+
 /* s[c][i] = st[i][c] for a 16 x 16 block: 4 x 4 transposes inside 128-bit lanes, then of the lanes */
 static inline void transpose16(const float *st, float *s, size_t stride) {
     __m512 u[4][4];                          /* u[j][g] lane q: rows 4g .. 4g+3 of column 4q + j */
@@ -1260,6 +1404,15 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     uint32_t *amx_v = AMX ? (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * 32 * 64) : NULL;
     if (AMX) amx_configure();
 #endif
+#if HAL_AMX8
+    const int AMX8 = KF == FMT_INT8 && quad && amx_usable();  /* int8 4-row groups on AMX-INT8 tiles */
+    uint8_t *amx8_q = AMX8 ? (uint8_t *)aligned_alloc(64, (size_t)NH * (R4 / 4) * (D / 64) * 1024) : NULL;
+    uint8_t *amx8_k = AMX8 ? (uint8_t *)aligned_alloc(64, (size_t)FT8 * D) : NULL;
+    uint8_t *amx8_v = AMX8 ? (uint8_t *)aligned_alloc(64, 8 * 256) : NULL;
+    if (AMX8) amx_configure_int8();
+#else
+    enum { AMX8 = 0 };
+#endif
     for (int hh = 0; hh < NH; hh++) {
         const int h = h0 + hh;
         uint16_t *qb = WS_Q(hh);
@@ -1319,6 +1472,10 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
         memset(WS_ACC(hh), 0, sizeof(float) * (size_t)R4 * Dv);
         memset(WS_W(hh), 0, sizeof(uint32_t) * (size_t)R4 * (FT / 2) * NG);
         memset(WS_S(hh), 0, sizeof(float) * (size_t)R4 * FT);
+#if HAL_AMX8
+        for (int g = 0; AMX8 && g < R4 / 4; g++)
+            amx_q_planes(qb + (size_t)4 * g * D, D, amx8_q + ((size_t)hh * (R4 / 4) + g) * (D / 64) * 1024);
+#endif
     }
     int lo, hi;
     item_keys(a, b, split, &lo, &hi);
@@ -1354,7 +1511,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
          * pages permuted: halves in turn, 3 rounds, bf16 4.87-4.90 -> 4.37 ms per layer, fp8 3.21-3.63 ->
          * 2.96-3.12; then the swap, 6 rounds, bf16 3.81 -> 3.33 (a fast-memory minute), fp8 3.24 -> 3.15.
          * int8 unchanged (its 130-byte rows are no whole number of lines apart). */
-        const int alt = !causal_cut && !window_cut && !a->alibi && !AMX, half = (n + 1) / 2;  /* AMX: in order */
+        const int alt = !causal_cut && !window_cut && !a->alibi && !AMX && !AMX8, half = (n + 1) / 2;  /* AMX: in order */
         for (int i = 0; i < n; i++) {
             const int k = i / 2, swap = (k & 1) && 2 * k + 1 < n;  /* (an odd n's last key stays token k) */
             const int j = j0 + (alt ? ((i % 2) ^ swap ? half + k : k) : i);
@@ -1405,7 +1562,12 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 if (row_scaled(KF)) {
                     const scale_copy sc = {vrow, a->k_width - 2, (int64_t)h * a->v_width + a->v_width - 2, kt16[hh & 1],
                                            vt16[hh & 1]};
-                    for (int r = 0; r < R4; r += 4)
+#if HAL_AMX8
+                    for (int r = 0; AMX8 && r < R4; r += 4)
+                        amx_scores_int8(amx8_q + ((size_t)hh * (R4 / 4) + r / 4) * (D / 64) * 1024, D, kh, n,
+                                        WS_S(hh & 1) + (size_t)r * FT, amx8_k, r == 0 ? &cur : NULL, r == 0 ? &sc : NULL);
+#endif
+                    for (int r = 0; !AMX8 && r < R4; r += 4)
                         scores4_all(qb + (size_t)r * D, D, kh, n, KF, WS_S(hh & 1) + (size_t)r * FT, r == 0 ? &cur : NULL,
                                     r == 0 ? &sc : NULL);
                 } else
@@ -1429,7 +1591,12 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 const int hv = hh - 2, h = h0 + hv;
                 for (int i = 0; i < n; i++) vh[i] = vrow[i] + (int64_t)h * a->v_width;
                 vh[n] = zero_row;
-                for (int r = 0; r < R4; r += 4)
+#if HAL_AMX8
+                for (int r = 0; AMX8 && r < R4; r += 4)
+                    amx_pv_int8(WS_ACC(hv) + (size_t)r * Dv, Dv, WS_W(hv) + (size_t)r * WR, wsc[hv & 1] + r, vh, n, npairs,
+                                amx8_v, r == 0 ? &cur : NULL);
+#endif
+                for (int r = 0; !AMX8 && r < R4; r += 4)
                     for (int d = 0; d < Dv; d += 64) {
                         pf_cursor *p = r == 0 ? &cur : NULL;
                         if (VF == FMT_INT8)
@@ -1579,7 +1746,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
         const int h = h0 + hh;
         const float *acc = WS_ACC(hh), *m = WS_M(hh), *l = WS_L(hh);
         const float vs = is_int(VF) ? 1.f : row_scale(NULL, 0, VF, a->v_scale, h, WIDE);
-        const int order = WIDE ? ORDER_NATURAL : lut8(VF) ? ORDER_FP8_TABLE : ORDER_PAIRS;
+        const int order = WIDE ? ORDER_NATURAL : lut8(VF) || AMX8 ? ORDER_FP8_TABLE : ORDER_PAIRS;
         float o[MAX_DIM];
         for (int r = 0; r < R; r++) {
             if (partial) {
@@ -1607,6 +1774,14 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     if (AMX) {
         free(amx_k);
         free(amx_v);
+        _tile_release();
+    }
+#endif
+#if HAL_AMX8
+    if (AMX8) {
+        free(amx8_q);
+        free(amx8_k);
+        free(amx8_v);
         _tile_release();
     }
 #endif
