@@ -19,8 +19,8 @@
  * head (absorbed MLA, FlashMLA's "MQA mode").
  *
  * Built with -march=native on the machine that runs it: the AVX-512 BF16 path when the compiler
- * targets it, plain C loops otherwise; on CPUs with AMX, bf16 16-row groups and int8 4-row groups
- * take their products on tiles (amx.h, amx_scores*, amx_pv*).
+ * targets it, plain C loops otherwise; on CPUs with AMX, bf16 16-row groups and int8 and fp8 4-row
+ * groups take their products on tiles (amx.h, amx_scores*, amx_pv*).
  */
 #include <math.h>
 #include <stdint.h>
@@ -1038,6 +1038,111 @@ static void amx_pv_int8(float *acc, int Dv, const uint32_t *w4, const float *wsc
 #define HAL_AMX8 0
 #endif
 
+#if HAL_AMX && FP8_LUT && !defined(HAL_STAGED16)
+#define HAL_AMXF 1
+/* fp8 rows, 4-row groups (GQA decode), on AMX-BF16 tiles: the rows widened exactly to bf16 by
+ * ld64_fp8's table into staging, in its dim order (the queries' is permuted to match, as for the
+ * AVX-512 path), then the products on tiles. Tiles (amx_configure_fp8): 0, 1 scores (16 keys x 4 rows,
+ * fp32: scores4's token-major layout), 2 staged keys (16 x 32 dims), 3 query pairs (16 dim pairs x 4
+ * rows); 4 weights (4 rows x 16 key pairs), 5 staged value pairs (16 key pairs x 16 dims), 6, 7 P.V
+ * sums (4 rows x 16 dims, in acc). A tile is FT8 = 32 keys. */
+static inline void amx_configure_fp8(void) {
+    static const uint8_t rows[8] = {16, 16, 16, 16, 4, 16, 4, 4};
+    static const uint16_t colsb[8] = {16, 16, 64, 16, 64, 64, 64, 64};
+    amx_configure_shapes(rows, colsb);
+}
+
+/* qp[p][r] = row r's dim pair p of four bf16 query rows (D each): B of the scores, 16 pairs a chunk */
+static void amx_q_pairs(const uint16_t *q, int D, uint32_t *qp) {
+    const uint32_t *q32 = (const uint32_t *)q;
+    for (int p = 0; p < D / 2; p++)
+        for (int r = 0; r < 4; r++) qp[4 * p + r] = q32[(size_t)r * (D / 2) + p];
+}
+
+/* st[i][r] = q_r . k_i (fp32) for four rows and the tile's n <= 32 keys; `stage`: 32 x D bf16 */
+static void amx_scores_fp8(const uint32_t *qp, int D, const uint8_t *const *kh, int n, const int KF, float *st,
+                           uint16_t *stage, pf_cursor *pf) {
+    const int ng = (n + 15) / 16;
+    for (int i = 0; i < 16 * ng; i++) {
+        uint16_t *dst = stage + (size_t)i * D;
+        if (i >= n) {
+            memset(dst, 0, 2 * (size_t)D);
+            continue;
+        }
+        if (pf && ((i & 3) == 3 || i == n - 1)) pf_step(pf, (i & 3) + 1, 1);  /* as scores4 for 8-bit rows */
+        for (int d = 0; d < D; d += 64) {
+            __m512i z0, z1;
+            ld64_fp8(kh[i] + d, KF, &z0, &z1);
+            _mm512_store_si512(dst + d, z0);
+            _mm512_store_si512(dst + d + 32, z1);
+        }
+    }
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int c = 0; c < D / 32; c++) {
+        _tile_loadd(3, qp + 64 * (size_t)c, 16);
+        _tile_loadd(2, stage + 32 * (size_t)c, 2 * (int64_t)D);
+        _tile_dpbf16ps(0, 2, 3);
+        if (ng > 1) {
+            _tile_loadd(2, stage + 16 * (size_t)D + 32 * (size_t)c, 2 * (int64_t)D);
+            _tile_dpbf16ps(1, 2, 3);
+        }
+    }
+    _tile_stored(0, st, 16);
+    if (ng > 1) _tile_stored(1, st + 64, 16);
+}
+
+/* acc[r][Dv] (four rows, ORDER_FP8_TABLE) += the weights (softmax4's pair-major bf16 pairs, w4[4 k + r])
+ * times the tile's value pairs, staged by pv4's table route (`stage`: 16 pairs x 64 dims); keys past n
+ * stage as zeros */
+static void amx_pv_fp8(float *acc, int Dv, const uint32_t *w4, const uint8_t *const *vh, int n, int npairs,
+                       const int VF, uint32_t *stage, pf_cursor *pf) {
+    uint32_t wr[4][16] __attribute__((aligned(64)));  /* A: row r's 16 pairs */
+    const __m512i w0 = _mm512_loadu_si512(w4), w1 = _mm512_loadu_si512(w4 + 16);
+    const __m512i w2 = _mm512_loadu_si512(w4 + 32), w3 = _mm512_loadu_si512(w4 + 48);
+    for (int r = 0; r < 4; r++) {             /* pair k of row r: dword 4 k + r, pairs 0-7 in w0 and w1 */
+        const __m512i ix = _mm512_add_epi32(_mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28),
+                                            _mm512_set1_epi32(r));
+        _mm512_store_si512(wr[r], _mm512_mask_blend_epi32(0xFF00, _mm512_permutex2var_epi32(w0, ix, w1),
+                                                          _mm512_permutex2var_epi32(w2, ix, w3)));
+    }
+    _tile_loadd(4, wr[0], 64);
+    const int64_t rs = 4 * (int64_t)Dv;
+    for (int d = 0; d < Dv; d += 64) {
+        for (int k = 0; k < 16; k++) {
+            uint32_t *dst = stage + (size_t)k * 64;
+            if (2 * k >= n) {
+                memset(dst, 0, 256);
+                continue;
+            }
+            if (pf && ((k & 3) == 3 || k == npairs - 1)) pf_step(pf, (k & 3) + 1, 1);  /* as pv4 */
+            const __m512i xa = _mm512_loadu_si512(vh[2 * k] + d);
+            const __m512i xb = _mm512_loadu_si512(2 * k + 1 < n ? vh[2 * k + 1] + d : zero_row);
+            __m512i L0, H0, L1, H1;
+            ld64_fp8_bytes(_mm512_unpacklo_epi8(xa, xb), VF, &L0, &H0);
+            ld64_fp8_bytes(_mm512_unpackhi_epi8(xa, xb), VF, &L1, &H1);
+            _mm512_store_si512(dst, L0);
+            _mm512_store_si512(dst + 16, H0);
+            _mm512_store_si512(dst + 32, L1);
+            _mm512_store_si512(dst + 48, H1);
+        }
+        for (int c = 0; c < 64; c += 32) {
+            float *c0 = acc + d + c;
+            _tile_loadd(6, c0, rs);
+            _tile_loadd(7, c0 + 16, rs);
+            _tile_loadd(5, stage + c, 256);
+            _tile_dpbf16ps(6, 4, 5);
+            _tile_loadd(5, stage + c + 16, 256);
+            _tile_dpbf16ps(7, 4, 5);
+            _tile_stored(6, c0, rs);
+            _tile_stored(7, c0 + 16, rs);
+        }
+    }
+}
+#else
+#define HAL_AMXF 0
+#endif
+
 /* s[c][i] = st[i][c] for a 16 x 16 block: 4 x 4 transposes inside 128-bit lanes, then of the lanes */
 static inline void transpose16(const float *st, float *s, size_t stride) {
     __m512 u[4][4];                          /* u[j][g] lane q: rows 4g .. 4g+3 of column 4q + j */
@@ -1413,6 +1518,15 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
 #else
     enum { AMX8 = 0 };
 #endif
+#if HAL_AMXF
+    const int AMXF = lut8(KF) && quad && amx_usable();  /* fp8 4-row groups on AMX-BF16 tiles */
+    uint32_t *amxf_q = AMXF ? (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * NH * (R4 / 4) * (size_t)D * 2) : NULL;
+    uint16_t *amxf_k = AMXF ? (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * FT8 * (size_t)D) : NULL;
+    uint32_t *amxf_v = AMXF ? (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * 16 * 64) : NULL;
+    if (AMXF) amx_configure_fp8();
+#else
+    enum { AMXF = 0 };
+#endif
     for (int hh = 0; hh < NH; hh++) {
         const int h = h0 + hh;
         uint16_t *qb = WS_Q(hh);
@@ -1475,6 +1589,10 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
 #if HAL_AMX8
         for (int g = 0; AMX8 && g < R4 / 4; g++)
             amx_q_planes(qb + (size_t)4 * g * D, D, amx8_q + ((size_t)hh * (R4 / 4) + g) * (D / 64) * 1024);
+#endif
+#if HAL_AMXF
+        for (int g = 0; AMXF && g < R4 / 4; g++)
+            amx_q_pairs(qb + (size_t)4 * g * D, D, amxf_q + ((size_t)hh * (R4 / 4) + g) * 2 * (size_t)D);
 #endif
     }
     int lo, hi;
@@ -1570,10 +1688,16 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                     for (int r = 0; !AMX8 && r < R4; r += 4)
                         scores4_all(qb + (size_t)r * D, D, kh, n, KF, WS_S(hh & 1) + (size_t)r * FT, r == 0 ? &cur : NULL,
                                     r == 0 ? &sc : NULL);
-                } else
-                    for (int r = 0; r < R4; r += 4)
+                } else {
+#if HAL_AMXF
+                    for (int r = 0; AMXF && r < R4; r += 4)
+                        amx_scores_fp8(amxf_q + ((size_t)hh * (R4 / 4) + r / 4) * 2 * (size_t)D, D, kh, n, KF,
+                                       WS_S(hh & 1) + (size_t)r * FT, amxf_k, r == 0 ? &cur : NULL);
+#endif
+                    for (int r = 0; !AMXF && r < R4; r += 4)
                         scores4_all(qb + (size_t)r * D, D, kh, n, KF, WS_S(hh & 1) + (size_t)r * FT, r == 0 ? &cur : NULL,
                                     NULL);
+                }
             }
             if (hh > 0 && hh <= NH) {
                 const int hp = hh - 1, h = h0 + hp;
@@ -1596,7 +1720,12 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                     amx_pv_int8(WS_ACC(hv) + (size_t)r * Dv, Dv, WS_W(hv) + (size_t)r * WR, wsc[hv & 1] + r, vh, n, npairs,
                                 amx8_v, r == 0 ? &cur : NULL);
 #endif
-                for (int r = 0; !AMX8 && r < R4; r += 4)
+#if HAL_AMXF
+                for (int r = 0; AMXF && r < R4; r += 4)
+                    amx_pv_fp8(WS_ACC(hv) + (size_t)r * Dv, Dv, WS_W(hv) + (size_t)r * WR, vh, n, npairs, VF, amxf_v,
+                               r == 0 ? &cur : NULL);
+#endif
+                for (int r = 0; !AMX8 && !AMXF && r < R4; r += 4)
                     for (int d = 0; d < Dv; d += 64) {
                         pf_cursor *p = r == 0 ? &cur : NULL;
                         if (VF == FMT_INT8)
@@ -1774,6 +1903,14 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     if (AMX) {
         free(amx_k);
         free(amx_v);
+        _tile_release();
+    }
+#endif
+#if HAL_AMXF
+    if (AMXF) {
+        free(amxf_q);
+        free(amxf_k);
+        free(amxf_v);
         _tile_release();
     }
 #endif

@@ -29,8 +29,8 @@ MAX_ROWS, MAX_DIM = 256, 1024  # as in paged_decode.c
 # cache, never by the batch, so a sequence's arithmetic never depends on its neighbours.
 MLA_BUILD = ("HAL_STAGED16",)  # the macros of that build (kernels.load)
 _STAGED_KV = ("int8", "int6", "fp8_e4m3", "fp8_e5m2")
-# HAL_CPU_AMX: bf16 rows in 16-row groups (MLA's heads, wide GQA groups) and int8 rows in 4-row groups
-# on AMX tiles (kernels/amx.h):
+# HAL_CPU_AMX: bf16 rows in 16-row groups (MLA's heads, wide GQA groups), int8 and fp8 rows in 4-row
+# groups, on AMX tiles (kernels/amx.h):
 # auto (where the build targets them and Linux grants them), off, or emulate (a C model of the tile
 # instructions, to test their code on a CPU without them)
 _AMX_MACROS = {"auto": (), "off": ("HAL_AMX_OFF",), "emulate": ("HAL_AMX_EMULATE",)}
