@@ -19,6 +19,8 @@
 enum { AMX_NONE = 0, AMX_NATIVE = 1, AMX_EMULATED = 2, AMX_REFUSED = 3 };  /* hal_amx_state() */
 
 #if defined(HAL_AMX_EMULATE)
+#include <stdio.h>
+#include <stdlib.h>
 #define HAL_AMX 1
 #define HAL_AMX_INT8 1
 #define HAL_AMX_NATIVE 0
@@ -46,6 +48,15 @@ static inline void amx_model_store(int t, void *base, int64_t stride) {
     const amx_model_tile *x = &amx_model[t];
     for (int r = 0; r < x->rows; r++) memcpy((uint8_t *)base + r * stride, x->row[r], (size_t)x->colsb);
 }
+/* the shapes a tile product needs (the hardware faults otherwise): A's dim groups = B's rows, C's
+ * rows = A's, C's columns = B's */
+static inline void amx_model_shapes(const amx_model_tile *C, const amx_model_tile *A, const amx_model_tile *B) {
+    if (A->colsb / 4 != B->rows || C->rows != A->rows || C->colsb != B->colsb || !C->rows || !B->rows) {
+        fprintf(stderr, "hal amx model: tile product of shapes C %dx%d, A %dx%d, B %dx%d\n", C->rows, C->colsb,
+                A->rows, A->colsb, B->rows, B->colsb);
+        abort();
+    }
+}
 static inline float amx_model_bf16(const uint8_t *p) {  /* denormals read as zero */
     uint16_t b;
     memcpy(&b, p, 2);
@@ -58,6 +69,7 @@ static inline float amx_model_bf16(const uint8_t *p) {  /* denormals read as zer
 static inline void amx_model_dpbf16ps(int c, int a, int b) {
     amx_model_tile *C = &amx_model[c];
     const amx_model_tile *A = &amx_model[a], *B = &amx_model[b];
+    amx_model_shapes(C, A, B);
     for (int m = 0; m < C->rows; m++) {
         float acc[16];
         memcpy(acc, C->row[m], sizeof acc);
@@ -78,6 +90,7 @@ static inline void amx_model_dpbf16ps(int c, int a, int b) {
 static inline void amx_model_dpb(int c, int a, int b, int a_signed) {
     amx_model_tile *C = &amx_model[c];
     const amx_model_tile *A = &amx_model[a], *B = &amx_model[b];
+    amx_model_shapes(C, A, B);
     for (int m = 0; m < C->rows; m++) {
         uint32_t acc[16];
         memcpy(acc, C->row[m], sizeof acc);
