@@ -241,6 +241,9 @@ def test_run_in_process_reports_every_case_and_baseline() -> None:
     assert "done in" in stream.getvalue()  # the progress bar, one line per case off a terminal
     text = format_report(rep)
     assert "machine: copy" in text and "hal speedup" in text and "bf16 B2 S64" in text
+    assert "  backend: native kernels: " in text  # which kernels ran, and whether on AMX tiles
+    assert ("paged_decode native" in text) == any("AMX tiles" in n for n in bb.notes)
+    assert not bb.emulated  # (HAL_CPU_AMX=emulate would mark the run EMULATED: its tiles are a C model)
     back = BenchReport.from_dict(json.loads(json.dumps(rep.to_dict(), default=str)))  # as --json wrote it
     assert format_report(back) == text and back.to_dict() == rep.to_dict()
 

@@ -382,6 +382,8 @@ def run(names: list[str] | None = None, *, sizes: Sizes = QUICK, kinds: set[str]
         backend = hal.get_backend(name)
         device = backend.default_device()
         bb.notes = list(backend.capabilities().notes)
+        if any("AMX tiles emulated" in n for n in bb.notes):  # HAL_CPU_AMX=emulate: the tiles are a C model
+            bb.emulated = True
         progress.note(name, "measuring the machine: copy and read bandwidth, bf16 and fp32 matmul")
         bb.machine = m = probe_machine(device, info.device, buffer_bytes=sizes.probe_buffer,
                                        matmul_n=sizes.matmul_n, reps=sizes.probe_reps)
