@@ -391,6 +391,16 @@ def test_decode_harness_builds_and_times_the_kernel(tmp_path: Path) -> None:
                         res.stdout), res.stdout
     bad = subprocess.run([str(exe), "gqa", "1", "64", "1", "1", "bf17", "1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "FORMAT must be" in bad.stderr
+    # it says whether the kernel ran on AMX tiles; built against their C model (tools/amx_check.sh's
+    # fallback), it runs the tile paths of MLA and int8 GQA
+    assert re.search(r"AMX tiles: (none in this build|native|refused by Linux)\n", res.stdout), res.stdout
+    if "avx512_bf16" in Path("/proc/cpuinfo").read_text():
+        (tmp_path / "emulated").mkdir()
+        emu = _build_tool(tmp_path / "emulated", "decode_harness.c", "-fopenmp", "-DHAL_AMX_EMULATE",
+                          "-I", "{root}/backends/cpu/kernels")
+        for args in (["gqa", "1", "64", "1", "1", "int8", "1"], ["mla", "1", "64", "1", "1", "bf16", "1"]):
+            res = subprocess.run([str(emu), *args], capture_output=True, text=True, timeout=120)
+            assert res.returncode == 0 and "AMX tiles: emulated\n" in res.stdout, res.stdout + res.stderr
 
 
 def test_prefetch_probe_builds_and_streams(tmp_path: Path) -> None:

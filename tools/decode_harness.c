@@ -149,5 +149,9 @@ int main(int argc, char **argv) {
         if (acc == 42) printf(" ");
     }
     printf("  read: %.2f GB/s\n", comps * (double)layer_bytes / best / 1e9);
+    {
+        static const char *amx[] = {"none in this build", "native", "emulated", "refused by Linux"};
+        printf("  AMX tiles: %s\n", amx[hal_amx_state()]);
+    }
     return 0;
 }
