@@ -807,6 +807,27 @@ static inline void pv4f(float *acc, int Dv, int d, const float *p, const uint8_t
 static inline int amx_usable(void) { const int s = amx_grant(); return s == AMX_NATIVE || s == AMX_EMULATED; }
 
 #if HAL_AMX
+/* The tile rows of keys i0 .. i0 + 15 (each row_bytes of values): in place, *stride apart, when they
+ * lie one stride apart (consecutive tokens of a block), else copied into stage + i0 row_bytes, zero
+ * past n */
+static inline const uint8_t *amx_key_rows(const uint8_t *const *kh, int n, int i0, size_t row_bytes, uint8_t *stage,
+                                          int64_t *stride) {
+    int direct = i0 + 16 <= n;
+    const int64_t s = direct ? (int64_t)(kh[i0 + 1] - kh[i0]) : 0;
+    for (int j = 2; direct && j < 16; j++) direct = (int64_t)(kh[i0 + j] - kh[i0]) == j * s;
+    if (direct) {
+        *stride = s;
+        return kh[i0];
+    }
+    uint8_t *dst = stage + (size_t)i0 * row_bytes;
+    for (int j = 0; j < 16; j++) {
+        if (i0 + j < n) memcpy(dst + (size_t)j * row_bytes, kh[i0 + j], row_bytes);
+        else memset(dst + (size_t)j * row_bytes, 0, row_bytes);
+    }
+    *stride = (int64_t)row_bytes;
+    return dst;
+}
+
 /* The rows-in-lanes products on AMX tiles (bf16 rows and model, 16 rows a group; see amx.h). Tiles
  * 0-3 accumulate, 4, 6 and 7 take rows of the cache (or of the weights), 5 the other operand. */
 
@@ -820,24 +841,7 @@ static void amx_scores(const uint32_t *qt, int D, const uint8_t *const *kh, int 
     const int ng = (n + 15) / 16, nc = D / 32;
     const uint8_t *base[4];
     int64_t stride[4];
-    for (int g = 0; g < ng; g++) {
-        const int i0 = 16 * g;
-        int direct = i0 + 16 <= n;
-        const int64_t s = direct ? (int64_t)(kh[i0 + 1] - kh[i0]) : 0;
-        for (int j = 2; direct && j < 16; j++) direct = (int64_t)(kh[i0 + j] - kh[i0]) == j * s;
-        if (direct) {
-            base[g] = kh[i0];
-            stride[g] = s;
-            continue;
-        }
-        uint16_t *dst = stage + (size_t)i0 * D;
-        for (int j = 0; j < 16; j++) {
-            if (i0 + j < n) memcpy(dst + (size_t)j * D, kh[i0 + j], 2 * (size_t)D);
-            else memset(dst + (size_t)j * D, 0, 2 * (size_t)D);
-        }
-        base[g] = (const uint8_t *)dst;
-        stride[g] = 2 * (int64_t)D;
-    }
+    for (int g = 0; g < ng; g++) base[g] = amx_key_rows(kh, n, 16 * g, 2 * (size_t)D, (uint8_t *)stage, &stride[g]);
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     for (int c = 0; c < nc; c++) {
         if (pf) pf_step(pf, n * (c + 1) / nc - n * c / nc, 0);
@@ -938,24 +942,7 @@ static void amx_scores_int8(const uint8_t *planes, int D, const uint8_t *const *
             memcpy(sc->kt + i, kh[i] + sc->koff, 2);
             memcpy(sc->vt + i, sc->vr[i] + sc->voff, 2);
         }
-    for (int g = 0; g < ng; g++) {
-        const int i0 = 16 * g;
-        int direct = i0 + 16 <= n;
-        const int64_t s = direct ? (int64_t)(kh[i0 + 1] - kh[i0]) : 0;
-        for (int j = 2; direct && j < 16; j++) direct = (int64_t)(kh[i0 + j] - kh[i0]) == j * s;
-        if (direct) {
-            base[g] = kh[i0];
-            stride[g] = s;
-            continue;
-        }
-        uint8_t *dst = stage + (size_t)i0 * D;
-        for (int j = 0; j < 16; j++) {
-            if (i0 + j < n) memcpy(dst + (size_t)j * D, kh[i0 + j], (size_t)D);
-            else memset(dst + (size_t)j * D, 0, (size_t)D);
-        }
-        base[g] = dst;
-        stride[g] = D;
-    }
+    for (int g = 0; g < ng; g++) base[g] = amx_key_rows(kh, n, 16 * g, (size_t)D, stage, &stride[g]);
     _tile_zero(0);
     _tile_zero(1);
     for (int c = 0; c < D / 64; c++) {
