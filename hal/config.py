@@ -63,7 +63,7 @@ KNOBS: dict[str, Knob] = {
         Knob("HAL_CC", str, "",
              "C compiler for the cpu backend's kernels (default: gcc, then cc)"),
         Knob("HAL_CPU_AMX", str, "auto",
-             "AMX tiles for the cpu kernels (bf16 16-row groups, int8 and fp8 GQA): auto, off, or emulate (a C model, for testing)"),
+             "AMX tiles for the cpu kernels (MLA, int8/fp8 GQA decode, bf16 prefill): auto, off, or emulate (a C model, for testing)"),
         Knob("HAL_CPU_MARCH", str, "native",
              "-march the cpu backend's kernels are built for (x86-64-v3: the plain AVX2 paths, for testing)"),
     )

@@ -101,16 +101,17 @@ def _has_avx512_bf16() -> bool:
 
 
 @pytest.mark.skipif(not _has_avx512_bf16(), reason="the AMX tile code is part of the AVX-512 BF16 path")
-def test_cpu_passes_mla_paged_and_quant_on_amx_tiles_in_their_c_model() -> None:
-    # bf16 rows in 16-row groups (MLA's heads, 16+ GQA rows), int8 and fp8 rows in 4-row groups run on
-    # AMX tiles where the CPU has them; here the tile instructions run in kernels/amx.h's C model, so
-    # the suite checks the tile code's layouts, strides and staging (a model that drops each bf16
-    # pair's odd product fails 31 cases; int8 weights without their low bytes fail all 7 int8 decode
-    # cases, fp8 values staged without their last 16 dims all 8 fp8 ones)
+def test_cpu_passes_the_full_level_on_amx_tiles_in_their_c_model() -> None:
+    # decode's bf16 rows in 16-row groups (MLA's heads, 16+ GQA rows), int8 and fp8 rows in 4-row
+    # groups, and bf16 prefill run on AMX tiles where the CPU has them; here the tile instructions run
+    # in kernels/amx.h's C model, so the suite checks the tile code's layouts, strides and staging (a
+    # model that drops each bf16 pair's odd product fails 31 decode cases; int8 weights without their
+    # low bytes fail all 7 int8 decode cases, fp8 values staged without their last 16 dims all 8 fp8
+    # ones; prefill without its fourth 16-channel block of P.V, 78)
     env = {"HAL_CPU_AMX": "emulate"}
     info = _hal_with(env, "info")
     assert "AMX tiles emulated" in info.stdout, info.stdout[-2000:]
-    res = _hal_with(env, "conformance", "--backend", "cpu", "--level", "full", "--family", "mla,paged,quant")
+    res = _hal_with(env, "conformance", "--backend", "cpu", "--level", "full")
     assert res.returncode == 0, res.stdout[-3000:]
     assert "FAIL" not in res.stdout and "pass" in res.stdout
     off = _hal_with({"HAL_CPU_AMX": "off"}, "info")

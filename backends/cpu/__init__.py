@@ -57,14 +57,15 @@ class CpuBackend(Backend):
         if self._capabilities is None:  # first call: build (or load) the native kernels, say which run
             from hal import hostmem
             from hal.backends.cpu import kernels
-            from hal.backends.cpu.kernels.paged_decode import AMX_STATES, build
+            from hal.backends.cpu.kernels.paged_decode import build
 
             status = {"paged_decode": kernels.status("paged_decode", build()),
-                      "flash_prefill": kernels.status("flash_prefill")}
+                      "flash_prefill": kernels.status("flash_prefill", kernels.amx_macros())}
             status["paged_decode (quantized MLA build)"] = kernels.status("paged_decode", build(staged=True))
-            if status["paged_decode"] == "native":
-                status["AMX tiles"] = AMX_STATES[kernels.load("paged_decode", build()).hal_amx_state()]
-            if status["flash_prefill"] == "native" and not kernels.load("flash_prefill").hal_flash_prefill_available():
+            if status["paged_decode"] == "native":  # (decode and prefill share the tiles' grant)
+                status["AMX tiles"] = kernels.AMX_STATES[kernels.load("paged_decode", build()).hal_amx_state()]
+            prefill = kernels.load("flash_prefill", kernels.amx_macros())
+            if status["flash_prefill"] == "native" and prefill is not None and not prefill.hal_flash_prefill_available():
                 status["flash_prefill"] = "built without AVX-512 BF16: bf16 prefill runs in torch"
             note = "native kernels: " + "; ".join(f"{k} {v}" for k, v in status.items())
             pages = f"KV cache memory: 2 MiB pages asked for (transparent huge pages: {hostmem.status()})"

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 from hal import config
+from hal.errors import InvalidInput
 
 _HERE = Path(__file__).parent
 _FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-Wall", "-lm"]  # and -march=HAL_CPU_MARCH
@@ -61,6 +62,22 @@ def _build(name: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL | str:
                 return f"{cc} failed on {name}.c: {res.stderr.strip()[-400:]}"
             os.replace(tmp_lib, lib_path)  # atomic: concurrent builders agree
     return ctypes.CDLL(str(lib_path))
+
+
+# HAL_CPU_AMX: the kernels' bf16 and int8 products on AMX tiles (amx.h): auto (where the build targets
+# them and Linux grants them), off, or emulate (a C model of the tile instructions, to test their code
+# on a CPU without them)
+_AMX_MACROS = {"auto": (), "off": ("HAL_AMX_OFF",), "emulate": ("HAL_AMX_EMULATE",)}
+AMX_STATES = {0: "not in this build", 1: "native", 2: "emulated (HAL_CPU_AMX=emulate)",
+              3: "the CPU has them, Linux refused them"}  # hal_amx_state() / hal_prefill_amx_state()
+
+
+def amx_macros() -> tuple[str, ...]:
+    """The macros HAL_CPU_AMX adds to a kernel's build."""
+    mode = str(config.get("HAL_CPU_AMX")).lower()
+    if mode not in _AMX_MACROS:
+        raise InvalidInput(f"[hal.config] HAL_CPU_AMX={mode!r}: expected one of {sorted(_AMX_MACROS)}")
+    return _AMX_MACROS[mode]
 
 
 def load(name: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:

@@ -1,5 +1,5 @@
-/* AMX tiles (AMX-TILE, AMX-BF16, AMX-INT8) for the cpu decode kernel's bf16 16-row groups and int8 and
- * fp8 4-row groups (paged_decode.c), native or modelled in C.
+/* AMX tiles (AMX-TILE, AMX-BF16, AMX-INT8) for the cpu kernels, native or modelled in C: decode's bf16
+ * 16-row groups and int8 and fp8 4-row groups (paged_decode.c), and bf16 prefill (flash_prefill.c).
  *
  * HAL_AMX is 1 where the build has tiles: natively when the compiler targets AMX-TILE and AMX-BF16
  * (-march=native on Sapphire Rapids and later; HAL_AMX_INT8 also needs AMX-INT8) and HAL_AMX_OFF is

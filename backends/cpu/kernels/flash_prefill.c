@@ -11,7 +11,8 @@
  *           (rounded to bf16, as FlashAttention does) is broadcast into 16 output channels.
  * Scores, softmax statistics and the output accumulate in fp32. The options of SPEC section 2
  * (causal bottom-right, window, soft-cap, ALiBi, sinks) and the LSE are applied per row.
- * Requires AVX512F + AVX512_BF16 (hal_flash_prefill_available() says whether it was built).
+ * Requires AVX512F + AVX512_BF16 (hal_flash_prefill_available() says whether it was built). On CPUs
+ * with AMX both products run on tiles instead, on the same packed operands (amx.h, amx_*_tile).
  */
 #include <math.h>
 #include <stdint.h>
@@ -40,6 +41,7 @@ typedef struct {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #include "simd.h"
+#include "amx.h"
 
 enum { KT = 32, ROWS = 64, MAXD = 256 };
 
@@ -56,12 +58,70 @@ typedef struct {
     float s[ROWS][KT];            /* scores, then probabilities */
     uint32_t pp[ROWS][KT / 2];    /* probabilities as bf16 pairs */
     float acc[ROWS][MAXD];
+#if HAL_AMX
+    uint16_t qs[ROWS][MAXD];      /* AMX: the item's query rows, one stride apart, zero past R */
+#endif
     float m[ROWS], l[ROWS];
     int pos[ROWS], hq[ROWS], qt[ROWS];
     const uint8_t *krow[KT], *vrow[KT];
 } workspace;
 
-static void run_item(const prefill_args *a, int b, int h, int t0, int t1, workspace *w) {
+#if HAL_AMX
+/* Both products on AMX tiles (amx.h; every tile 16 rows x 64 bytes), 16 rows at a time, on the same
+ * packed K^T and V and bf16 probabilities: C = the scores (16 rows x 16 keys) += A (16 query rows x 32
+ * dims) B (kp: 16 dim pairs x 16 keys); the accumulator (16 rows x 16 channels) += A (pp: 16 rows x 16
+ * key pairs) B (vp: 16 key pairs x 16 channels). Rows past R hold zeros (queries, probabilities). */
+static void amx_scores_tile(workspace *w, int R, int D) {
+    for (int r0 = 0; r0 < R; r0 += 16) {
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int c = 0; c < D / 32; c++) {
+            _tile_loadd(4, &w->qs[r0][32 * c], 2 * MAXD);
+            _tile_loadd(5, &w->kp[16 * c][0], 4 * KT);
+            _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(6, &w->kp[16 * c][16], 4 * KT);
+            _tile_dpbf16ps(1, 4, 6);
+        }
+        _tile_stored(0, &w->s[r0][0], 4 * KT);
+        _tile_stored(1, &w->s[r0][16], 4 * KT);
+    }
+}
+
+static void amx_pv_tile(workspace *w, int R, int Dv) {
+    for (int r0 = 0; r0 < R; r0 += 16) {
+        _tile_loadd(4, w->pp[r0], 4 * (KT / 2));
+        for (int d = 0; d < Dv; d += 64) {
+            const int nb = Dv - d < 64 ? (Dv - d) / 16 : 4;  /* blocks of 16 channels */
+            float *c0 = &w->acc[r0][d];
+            _tile_loadd(0, c0, 4 * MAXD);
+            _tile_loadd(5, &w->vp[0][d], 4 * MAXD);
+            _tile_dpbf16ps(0, 4, 5);
+            _tile_stored(0, c0, 4 * MAXD);
+            if (nb > 1) {
+                _tile_loadd(1, c0 + 16, 4 * MAXD);
+                _tile_loadd(6, &w->vp[0][d + 16], 4 * MAXD);
+                _tile_dpbf16ps(1, 4, 6);
+                _tile_stored(1, c0 + 16, 4 * MAXD);
+            }
+            if (nb > 2) {
+                _tile_loadd(2, c0 + 32, 4 * MAXD);
+                _tile_loadd(7, &w->vp[0][d + 32], 4 * MAXD);
+                _tile_dpbf16ps(2, 4, 7);
+                _tile_stored(2, c0 + 32, 4 * MAXD);
+            }
+            if (nb > 3) {
+                _tile_loadd(3, c0 + 48, 4 * MAXD);
+                _tile_loadd(5, &w->vp[0][d + 48], 4 * MAXD);
+                _tile_dpbf16ps(3, 4, 5);
+                _tile_stored(3, c0 + 48, 4 * MAXD);
+            }
+        }
+    }
+}
+#endif
+
+static void run_item(const prefill_args *a, int b, int h, int t0, int t1, workspace *w, int amx_on) {
+    const int amx = HAL_AMX && amx_on;        /* (a constant without tiles: that build keeps its code) */
     const int G = a->Hq / a->Hkv, D = a->D, Dv = a->Dv;
     const int q0 = a->cu_q[b], ql = a->cu_q[b + 1] - q0;
     const int S = a->block_table ? a->seq_lens[b] : a->cu_k[b + 1] - a->cu_k[b];
@@ -75,6 +135,16 @@ static void run_item(const prefill_args *a, int b, int h, int t0, int t1, worksp
         w->l[r] = a->sinks ? 1.f : 0.f;
         memset(w->acc[r], 0, sizeof(float) * Dv);
     }
+#if HAL_AMX
+    if (amx) {                                /* rows past R: zeros through their 16-row group */
+        for (int r = 0; r < R; r++) memcpy(w->qs[r], a->q + ((size_t)w->qt[r] * a->Hq + w->hq[r]) * D, 2 * (size_t)D);
+        for (int r = R; r < ((R + 15) & ~15); r++) {
+            memset(w->qs[r], 0, sizeof w->qs[r]);
+            memset(w->pp[r], 0, sizeof w->pp[r]);
+            memset(w->acc[r], 0, sizeof w->acc[r]);
+        }
+    }
+#endif
     /* keys any row of the tile can see: [lo, hi) */
     int hi = a->causal ? S - ql + t1 : S;
     if (hi > S) hi = S;
@@ -113,7 +183,10 @@ static void run_item(const prefill_args *a, int b, int h, int t0, int t1, worksp
             }
         }
         /* scores: 4 rows x 32 keys per pass */
-        for (int r = 0; r < R; r += 4) {
+#if HAL_AMX
+        if (amx) amx_scores_tile(w, R, D);
+#endif
+        for (int r = 0; !amx && r < R; r += 4) {
             __m512 c[4][2];
             for (int x = 0; x < 4; x++) c[x][0] = c[x][1] = _mm512_setzero_ps();
             const uint32_t *qr[4];
@@ -169,7 +242,10 @@ static void run_item(const prefill_args *a, int b, int h, int t0, int t1, worksp
             }
         }
         /* P.V: 2 rows x 128 channels in registers */
-        for (int r = 0; r < R; r += 2) {
+#if HAL_AMX
+        if (amx) amx_pv_tile(w, R, Dv);
+#endif
+        for (int r = 0; !amx && r < R; r += 2) {
             const int r2 = r + 1 < R ? r + 1 : r;
             for (int d0 = 0; d0 < Dv; d0 += 128) {
                 const int nd = Dv - d0 < 128 ? (Dv - d0) / 16 : 8;
@@ -203,6 +279,7 @@ int hal_flash_prefill(const prefill_args *a, int num_threads) {
     const int G = a->Hq / a->Hkv;
     if (a->D % 32 || a->Dv % 16 || a->D > MAXD || a->Dv > MAXD || G > ROWS) return 1;
     const int qt = ROWS / G;  /* query tokens per tile */
+    const int amx = amx_grant() == AMX_NATIVE || amx_grant() == AMX_EMULATED;  /* asked before the threads */
     int items = 0;
     for (int b = 0; b < a->B; b++)
         if (a->active[b]) items += a->Hkv * ((a->cu_q[b + 1] - a->cu_q[b] + qt - 1) / qt);
@@ -219,20 +296,30 @@ int hal_flash_prefill(const prefill_args *a, int num_threads) {
 #endif
     {
         workspace *w = (workspace *)aligned_alloc(64, (sizeof(workspace) + 63) / 64 * 64);
+#if HAL_AMX
+        if (amx) amx_configure();
+#endif
 #ifdef _OPENMP
         #pragma omp for schedule(dynamic, 1)
 #endif
         for (int i = 0; i < items; i++) {
             int b = plan[3 * i], h = plan[3 * i + 1], t0 = plan[3 * i + 2], ql = a->cu_q[b + 1] - a->cu_q[b];
             int s0 = t0 < 0 ? 0 : t0, s1 = t0 + qt < ql ? t0 + qt : ql;
-            run_item(a, b, h, s0, s1, w);
+            run_item(a, b, h, s0, s1, w, amx);
         }
+#if HAL_AMX
+        if (amx) _tile_release();
+#endif
         free(w);
     }
     free(plan);
     return 0;
 }
+
+/* as paged_decode's: whether the bf16 products run on AMX tiles (amx.h) */
+int hal_prefill_amx_state(void) { return amx_grant(); }
 #else
 int hal_flash_prefill_available(void) { return 0; }
 int hal_flash_prefill(const prefill_args *a, int num_threads) { (void)a; (void)num_threads; return 1; }
+int hal_prefill_amx_state(void) { return 0; }
 #endif

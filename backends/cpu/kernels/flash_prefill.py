@@ -9,7 +9,7 @@ import torch
 from hal.backend import AttentionParams
 from hal.plan import Plan, VarlenBatch
 
-from . import load
+from . import amx_macros, load
 
 MIN_Q_LEN = 17  # shorter query runs are decode-shaped (paged_decode.c, or the torch tiles)
 MAX_DIM, MAX_GROUP = 256, 64  # as in flash_prefill.c
@@ -36,7 +36,7 @@ def applies(dtype: torch.dtype, hq: int, hkv: int, d: int, dv: int) -> bool:
     """bf16, head dims the kernel tiles, and a compiled AVX-512 BF16 build."""
     if dtype != torch.bfloat16 or d % 32 or dv % 16 or d > MAX_DIM or dv > MAX_DIM or hq // hkv > MAX_GROUP:
         return False
-    lib = load("flash_prefill")
+    lib = load("flash_prefill", amx_macros())
     return lib is not None and bool(lib.hal_flash_prefill_available())
 
 
@@ -46,7 +46,7 @@ def eligible(q_lens: list[int]) -> list[bool]:
 
 
 def _run(args: _Args) -> None:
-    rc = load("flash_prefill").hal_flash_prefill(ctypes.byref(args), ctypes.c_int(torch.get_num_threads()))  # type: ignore[union-attr]
+    rc = load("flash_prefill", amx_macros()).hal_flash_prefill(ctypes.byref(args), ctypes.c_int(torch.get_num_threads()))  # type: ignore[union-attr]
     assert rc == 0, "flash_prefill.c refused a call that applies() accepted"
 
 

@@ -11,13 +11,11 @@ from typing import Any
 
 import torch
 
-from hal import config
 from hal.backend import AttentionParams
-from hal.errors import InvalidInput
 from hal.plan import Plan
 
 from . import generation as kernels_generation
-from . import load
+from . import amx_macros, load
 
 _FMT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _KV_FMT = {"int8": 3, "fp8_e4m3": 4, "fp8_e5m2": 5, "int6": 6, "int4": 7}  # quantized rows the kernel decodes (hal/kv_formats.py)
@@ -29,21 +27,12 @@ MAX_ROWS, MAX_DIM = 256, 1024  # as in paged_decode.c
 # cache, never by the batch, so a sequence's arithmetic never depends on its neighbours.
 MLA_BUILD = ("HAL_STAGED16",)  # the macros of that build (kernels.load)
 _STAGED_KV = ("int8", "int6", "fp8_e4m3", "fp8_e5m2")
-# HAL_CPU_AMX: bf16 rows in 16-row groups (MLA's heads, wide GQA groups), int8 and fp8 rows in 4-row
-# groups, on AMX tiles (kernels/amx.h):
-# auto (where the build targets them and Linux grants them), off, or emulate (a C model of the tile
-# instructions, to test their code on a CPU without them)
-_AMX_MACROS = {"auto": (), "off": ("HAL_AMX_OFF",), "emulate": ("HAL_AMX_EMULATE",)}
-AMX_STATES = {0: "not in this build", 1: "native", 2: "emulated (HAL_CPU_AMX=emulate)",
-              3: "the CPU has them, Linux refused them"}  # hal_amx_state()
 
 
 def build(staged: bool = False) -> tuple[str, ...]:
-    """The macros of the paged_decode build: the quantized MLA build's (``staged``) and HAL_CPU_AMX's."""
-    mode = str(config.get("HAL_CPU_AMX")).lower()
-    if mode not in _AMX_MACROS:
-        raise InvalidInput(f"[hal.config] HAL_CPU_AMX={mode!r}: expected one of {sorted(_AMX_MACROS)}")
-    return (MLA_BUILD if staged else ()) + _AMX_MACROS[mode]
+    """The macros of the paged_decode build: the quantized MLA build's (``staged``) and HAL_CPU_AMX's
+    (bf16 rows in 16-row groups, int8 and fp8 rows in 4-row groups, on AMX tiles)."""
+    return (MLA_BUILD if staged else ()) + amx_macros()
 
 
 class _Args(ctypes.Structure):
