@@ -1497,7 +1497,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     if (AMX) amx_configure();
 #endif
 #if HAL_AMX8
-    const int AMX8 = KF == FMT_INT8 && quad && amx_usable();  /* int8 4-row groups on AMX-INT8 tiles */
+    const int AMX8 = KF == FMT_INT8 && quad && D % 64 == 0 && amx_usable();  /* int8 4-row groups on AMX-INT8 tiles */
     uint8_t *amx8_q = AMX8 ? (uint8_t *)aligned_alloc(64, (size_t)NH * (R4 / 4) * (D / 64) * 1024) : NULL;
     uint8_t *amx8_k = AMX8 ? (uint8_t *)aligned_alloc(64, (size_t)FT8 * D) : NULL;
     uint8_t *amx8_v = AMX8 ? (uint8_t *)aligned_alloc(64, 8 * 256) : NULL;
