@@ -69,7 +69,7 @@ def _build(name: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL | str:
 # on a CPU without them)
 _AMX_MACROS = {"auto": (), "off": ("HAL_AMX_OFF",), "emulate": ("HAL_AMX_EMULATE",)}
 AMX_STATES = {0: "not in this build", 1: "native", 2: "emulated (HAL_CPU_AMX=emulate)",
-              3: "the CPU has them, Linux refused them"}  # hal_amx_state() / hal_prefill_amx_state()
+              3: "the CPU has them, Linux refused them"}  # paged_decode's hal_amx_state() (prefill shares it)
 
 
 def amx_macros() -> tuple[str, ...]:

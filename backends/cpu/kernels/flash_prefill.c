@@ -315,11 +315,7 @@ int hal_flash_prefill(const prefill_args *a, int num_threads) {
     free(plan);
     return 0;
 }
-
-/* as paged_decode's: whether the bf16 products run on AMX tiles (amx.h) */
-int hal_prefill_amx_state(void) { return amx_grant(); }
 #else
 int hal_flash_prefill_available(void) { return 0; }
 int hal_flash_prefill(const prefill_args *a, int num_threads) { (void)a; (void)num_threads; return 1; }
-int hal_prefill_amx_state(void) { return 0; }
 #endif
