@@ -127,6 +127,15 @@ static inline int amx_grant(void) { return AMX_EMULATED; }
 #include <immintrin.h>
 #include <sys/syscall.h>
 long syscall(long number, ...);              /* <unistd.h> declares it only with _DEFAULT_SOURCE */
+/* gcc 12's tileloadd asm does not say that it reads memory (only tilestored has a "memory" clobber),
+ * and its ldtilecfg names only the configuration's first 8 bytes, so the stores that fill a staging
+ * buffer, a local array or the configuration before them could legally be dropped or moved after
+ * them; these say what they read. (The C model calls real functions and cannot show this.) */
+#undef _tile_loadd
+#define _tile_loadd(dst, base, stride)                                                                  \
+    __asm__ volatile("{tileloadd\t(%0,%1,1), %%tmm" #dst "|tileloadd\t%%tmm" #dst ", [%0+%1*1]}"     \
+                     ::"r"((const void *)(base)), "r"((long)(stride)) : "memory")
+#define _tile_loadconfig(cfg) __asm__ volatile("ldtilecfg\t%0" ::"m"(*(const uint8_t(*)[64])(cfg)))
 static inline int amx_grant(void) {  /* once per process: Linux lends tile state only on request */
     static int state = -1;
     if (state < 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0
