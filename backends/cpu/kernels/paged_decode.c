@@ -965,11 +965,6 @@ static void amx_scores_int8(const uint8_t *planes, int D, const uint8_t *const *
     }
 }
 
-/* acc[r][Dv] (rows r0 .. r0 + 3, ORDER_FP8_TABLE's dim order) += wscale[r] times the int32 sum over
- * the tile's keys of row r's int16 weight (softmax4's pair-major w4) times the key's int8 values: A =
- * the weights' high bytes (rows 0-3) and low bytes (rows 4-7), B = four keys' values interleaved by
- * byte and word unpacks (`stage`: 8 quads x 4 x 64 bytes), so 256 hi + lo is pv4_int8's exact sum.
- * Keys past n stage as zeros. */
 static uint8_t amx8_planes_ix[4][64] __attribute__((aligned(64)));  /* see amx_pv_int8 */
 
 __attribute__((constructor)) static void amx8_planes_init(void) {
@@ -979,6 +974,11 @@ __attribute__((constructor)) static void amx8_planes_init(void) {
     }
 }
 
+/* acc[r][Dv] (rows r0 .. r0 + 3, ORDER_FP8_TABLE's dim order) += wscale[r] times the int32 sum over
+ * the tile's keys of row r's int16 weight (softmax4's pair-major w4) times the key's int8 values: A =
+ * the weights' high bytes (rows 0-3) and low bytes (rows 4-7), B = four keys' values interleaved by
+ * byte and word unpacks (`stage`: 8 quads x 4 x 64 bytes), so 256 hi + lo is pv4_int8's exact sum.
+ * Keys past n stage as zeros. */
 static void amx_pv_int8(float *acc, int Dv, const uint32_t *w4, const float *wscale, const uint8_t *const *vh,
                         int n, int npairs, uint8_t *stage, pf_cursor *pf) {
     /* the weights' byte planes, wp[m][t]: key t of row m's high byte (m < 4) or row m - 4's low byte; in
@@ -1998,10 +1998,9 @@ int hal_decode_supports(int dtype, int kfmt, int vfmt, int D, int Dv) {
 #endif
 }
 
-/* Computes the active sequences; returns 0, or 1 (and computes nothing) when an active sequence has more
- * than MAX_ROWS rows or a head dim exceeds MAX_DIM: the caller must not mark such sequences active. */
 /* AMX_NONE (no tiles in this build), AMX_NATIVE, AMX_EMULATED (HAL_AMX_EMULATE) or AMX_REFUSED (the CPU
- * has them, Linux did not grant them): whether 16-row bf16 groups run on tiles */
+ * has them, Linux did not grant them): whether bf16 16-row groups and int8 and fp8 4-row groups run on
+ * tiles */
 int hal_amx_state(void) {
 #if HAL_FAST
     return amx_grant();
@@ -2010,6 +2009,8 @@ int hal_amx_state(void) {
 #endif
 }
 
+/* Computes the active sequences; returns 0, or 1 (and computes nothing) when an active sequence has more
+ * than MAX_ROWS rows or a head dim exceeds MAX_DIM: the caller must not mark such sequences active. */
 int hal_paged_decode(const decode_args *a, int num_threads) {
     (void)amx_grant();                        /* asked once, before any thread reads the answer */
     const int G = a->Hq / a->Hkv;
