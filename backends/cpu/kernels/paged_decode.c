@@ -1290,6 +1290,58 @@ static inline __attribute__((always_inline)) void pv4_int8(float *acc, int Dv, i
 }
 #undef DP_INPLACE
 
+/* pv4 for bf16 rows: the sixteen accumulators named and updated in place, as pv4_int8 does for int8.
+ * Through pv4's array gcc 12 kept one of them on the stack in the per-row softmax's loop (MLA's 16
+ * heads): a store and a reload around every pair's products, 15% of MLA's samples on that store. C
+ * harness, alternated rounds, MLA bf16 B1 x 4096 in cache: one thread 0.779 -> 0.747 ms per layer, two
+ * 0.396-0.440 -> 0.380-0.426; streamed (57 layers) 0.420 -> 0.415. GQA bf16 (softmax4's loop, where gcc
+ * had kept them in registers) takes it too: routed there alone, the item function's code generation
+ * moved and GQA in cache went 0.578 -> 0.596 ms, with both 0.573; streamed within noise (4.24-4.32
+ * ms at B8 x 4096 over 18 rounds). fp8 rows gained nothing from it (GQA 0.551 -> 0.555, MLA -0.7%) and
+ * keep pv4. */
+#define DPBF_INPLACE(acc, a, b) __asm__("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
+static inline __attribute__((always_inline)) void pv4_16(float *acc, int Dv, int d, const uint32_t *w, int rs, int ks,
+                                                         const uint8_t *const *vh, int npairs, const int VF,
+                                                         pf_cursor *pf) {
+    float *r0 = acc + d, *r1 = r0 + Dv, *r2 = r1 + Dv, *r3 = r2 + Dv;
+    __m512 x00 = _mm512_loadu_ps(r0), x01 = _mm512_loadu_ps(r0 + 16), x02 = _mm512_loadu_ps(r0 + 32), x03 = _mm512_loadu_ps(r0 + 48);
+    __m512 x10 = _mm512_loadu_ps(r1), x11 = _mm512_loadu_ps(r1 + 16), x12 = _mm512_loadu_ps(r1 + 32), x13 = _mm512_loadu_ps(r1 + 48);
+    __m512 x20 = _mm512_loadu_ps(r2), x21 = _mm512_loadu_ps(r2 + 16), x22 = _mm512_loadu_ps(r2 + 32), x23 = _mm512_loadu_ps(r2 + 48);
+    __m512 x30 = _mm512_loadu_ps(r3), x31 = _mm512_loadu_ps(r3 + 16), x32 = _mm512_loadu_ps(r3 + 32), x33 = _mm512_loadu_ps(r3 + 48);
+    for (int k = 0; k < npairs; k++) {
+        if (pf && (!pf_four(VF) || (k & 3) == 3 || k == npairs - 1))
+            pf_step(pf, pf_four(VF) ? (k & 3) + 1 : 1, pf_four(VF));
+        const uint8_t *va = vh[2 * k] + boff(VF, d), *vb = vh[2 * k + 1] + boff(VF, d);
+        __m512i L0, H0, L1, H1;
+#if FP8_LUT
+        if (lut8(VF)) {
+            const __m512i xa = _mm512_loadu_si512(va), xb = _mm512_loadu_si512(vb);
+            const fp8_lut tab = fp8_lut_load(VF, 0);
+            ld64_fp8_bytes(_mm512_unpacklo_epi8(xa, xb), &tab, &L0, &H0);
+            ld64_fp8_bytes(_mm512_unpackhi_epi8(xa, xb), &tab, &L1, &H1);
+        } else
+#endif
+        {
+            const __m512i A0 = ld32(va, VF), B0 = ld32(vb, VF), A1 = ld32(va + boff(VF, 32), VF), B1 = ld32(vb + boff(VF, 32), VF);
+            L0 = _mm512_unpacklo_epi16(A0, B0); H0 = _mm512_unpackhi_epi16(A0, B0);
+            L1 = _mm512_unpacklo_epi16(A1, B1); H1 = _mm512_unpackhi_epi16(A1, B1);
+        }
+#define PV_ROW(r)                                                                                    \
+        {                                                                                            \
+            const __m512i wr = _mm512_set1_epi32((int)w[(size_t)(r) * rs + (size_t)k * ks]);         \
+            DPBF_INPLACE(x##r##0, L0, wr); DPBF_INPLACE(x##r##1, H0, wr);                            \
+            DPBF_INPLACE(x##r##2, L1, wr); DPBF_INPLACE(x##r##3, H1, wr);                            \
+        }
+        PV_ROW(0) PV_ROW(1) PV_ROW(2) PV_ROW(3)
+#undef PV_ROW
+    }
+    _mm512_storeu_ps(r0, x00); _mm512_storeu_ps(r0 + 16, x01); _mm512_storeu_ps(r0 + 32, x02); _mm512_storeu_ps(r0 + 48, x03);
+    _mm512_storeu_ps(r1, x10); _mm512_storeu_ps(r1 + 16, x11); _mm512_storeu_ps(r1 + 32, x12); _mm512_storeu_ps(r1 + 48, x13);
+    _mm512_storeu_ps(r2, x20); _mm512_storeu_ps(r2 + 16, x21); _mm512_storeu_ps(r2 + 32, x22); _mm512_storeu_ps(r2 + 48, x23);
+    _mm512_storeu_ps(r3, x30); _mm512_storeu_ps(r3 + 16, x31); _mm512_storeu_ps(r3 + 32, x32); _mm512_storeu_ps(r3 + 48, x33);
+}
+#undef DPBF_INPLACE
+
 /* an accumulator row from the interleaved order of pv4 (per 32 dims: the unpacklo lanes, then the
  * unpackhi lanes; fp8 table rows: per 64 dims, see lut_dim) back to dims in order, times `mul` */
 enum { ORDER_PAIRS = 0, ORDER_FP8_TABLE = 1, ORDER_NATURAL = 2 };  /* how pv4 / pv4f left the dims */
@@ -1743,6 +1795,8 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                         if (VF == FMT_INT8)
                             pv4_int8(WS_ACC(hv) + (size_t)r * Dv, Dv, d, WS_W(hv) + (size_t)r * WR, wsc[hv & 1] + r, vh,
                                      npairs, p);
+                        else if (VF == FMT_BF16)
+                            pv4_16(WS_ACC(hv) + (size_t)r * Dv, Dv, d, WS_W(hv) + (size_t)r * WR, 1, 4, vh, npairs, VF, p);
                         else
                             pv4(WS_ACC(hv) + (size_t)r * Dv, Dv, d, WS_W(hv) + (size_t)r * WR, 1, 4, wsc[hv & 1] + r, 1, vh,
                                 npairs, VF, p);
@@ -1878,9 +1932,13 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 amx_pv(acc + (size_t)16 * g * Dv, Dv, w + (size_t)16 * g * WR, WR, vh, n, amx_v, g == 0 ? &cur : NULL);
 #endif
             for (int r = 0; !WIDE && !AMX && r < R4; r += 4)
-                for (int d = 0; d < Dv; d += 64)
-                    pv4(acc + (size_t)r * Dv, Dv, d, w + (size_t)r * WR, WR, 1, wscale + r * NG, NG, vh, npairs, VF,
-                        r == 0 ? &cur : NULL);
+                for (int d = 0; d < Dv; d += 64) {
+                    if (VF == FMT_BF16)
+                        pv4_16(acc + (size_t)r * Dv, Dv, d, w + (size_t)r * WR, WR, 1, vh, npairs, VF, r == 0 ? &cur : NULL);
+                    else
+                        pv4(acc + (size_t)r * Dv, Dv, d, w + (size_t)r * WR, WR, 1, wscale + r * NG, NG, vh, npairs, VF,
+                            r == 0 ? &cur : NULL);
+                }
         }
     }
     for (int hh = 0; hh < NH; hh++) {
