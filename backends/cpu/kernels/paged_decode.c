@@ -1243,33 +1243,37 @@ static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d,
         }
 }
 
-/* pv4 for int8 rows in softmax4's pair-major weights (rs = 1, ks = 4): the sixteen int32 accumulators
- * named and updated in place by VPDPWSSD. Through pv4's array, and through its casts from fp32 vectors,
- * gcc 12 kept the accumulators in two register sets and copied one into the other after every pair (30
- * moves and two stack round trips per 16 products): alone, with its rows in L1, P.V took 21.8 cycles
- * per key instead of 17.9 (16 is the products' bound). The prefetch cursor steps every fourth pair (and
- * scores4 every fourth key) for 8-bit rows: every pair cost about 3 cycles per key in its branches, and
- * every fourth against every second, C harness, alternated rounds: int8 B8x4096 2.49 -> 2.42 ms per
- * layer, fp8_e4m3 2.76 -> 2.53, fp8 in cache 0.329 -> 0.314; every eighth was slower again (int8 2.49). */
+/* pv4 for int8 rows (weights as pv4's: softmax4's pair-major, rs = 1, ks = 4, or the per-row softmax's,
+ * rs = WR, ks = 1): the sixteen int32 accumulators named and updated in place by VPDPWSSD. Through pv4's
+ * array, and through its casts from fp32 vectors, gcc 12 kept the accumulators in two register sets and
+ * copied one into the other after every pair (30 moves and two stack round trips per 16 products): alone,
+ * with its rows in L1, P.V took 21.8 cycles per key instead of 17.9 (16 is the products' bound). The
+ * prefetch cursor steps every fourth pair (and scores4 every fourth key) for 8-bit rows: every pair cost
+ * about 3 cycles per key in its branches, and every fourth against every second, C harness, alternated
+ * rounds: int8 B8x4096 2.49 -> 2.42 ms per layer, fp8_e4m3 2.76 -> 2.53, fp8 in cache 0.329 -> 0.314;
+ * every eighth was slower again (int8 2.49). The per-row softmax's loop (int8 MLA caches) took it on
+ * 2026-11-29: through pv4 an accumulator lived on the stack there too (9% of samples on its reload); MLA
+ * int8 B1 x 4096 in cache 0.807 -> 0.785 ms (one thread), 0.446 -> 0.434 (two), streamed 0.425 -> 0.416.
+ * int6 rows keep pv4 (0.917 -> 0.969 through this one). */
 #define DP_INPLACE(acc, a, b) __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
-static inline __attribute__((always_inline)) void pv4_int8(float *acc, int Dv, int d, const uint32_t *w,
-                                                           const float *wscale, const uint8_t *const *vh,
-                                                           int npairs, pf_cursor *pf) {
+static inline __attribute__((always_inline)) void pv4_int8(float *acc, int Dv, int d, const uint32_t *w, int rs,
+                                                           int ks, const float *wscale, const uint8_t *const *vh,
+                                                           int npairs, const int VF, pf_cursor *pf) {
     __m512i x00 = _mm512_setzero_si512(), x01 = x00, x02 = x00, x03 = x00, x10 = x00, x11 = x00, x12 = x00, x13 = x00;
     __m512i x20 = x00, x21 = x00, x22 = x00, x23 = x00, x30 = x00, x31 = x00, x32 = x00, x33 = x00;
     for (int k = 0; k < npairs; k++) {
         if (pf && ((k & 3) == 3 || k == npairs - 1)) pf_step(pf, (k & 3) + 1, 1);
-        const uint8_t *va = vh[2 * k] + d, *vb = vh[2 * k + 1] + d;
-        const __m512i A0 = ld32(va, FMT_INT8), B0 = ld32(vb, FMT_INT8), A1 = ld32(va + 32, FMT_INT8), B1 = ld32(vb + 32, FMT_INT8);
+        const uint8_t *va = vh[2 * k] + boff(VF, d), *vb = vh[2 * k + 1] + boff(VF, d);
+        const __m512i A0 = ld32(va, VF), B0 = ld32(vb, VF), A1 = ld32(va + boff(VF, 32), VF), B1 = ld32(vb + boff(VF, 32), VF);
         __m512i L0 = _mm512_unpacklo_epi16(A0, B0), H0 = _mm512_unpackhi_epi16(A0, B0);
         __m512i L1 = _mm512_unpacklo_epi16(A1, B1), H1 = _mm512_unpackhi_epi16(A1, B1);
         __asm__("" : "+v"(L0), "+v"(H0), "+v"(L1), "+v"(H1));  /* else gcc 12 stored L0 to the stack and
                                                                 * reloaded it every pair (in cache, one thread:
                                                                 * 0.493 -> 0.485 ms per layer) */
-        const uint32_t *wk = w + 4 * (size_t)k;
+        const uint32_t *wk = w + ks * (size_t)k;
 #define PV_ROW(r)                                                                                    \
         {                                                                                            \
-            const __m512i wr = _mm512_set1_epi32((int)wk[r]);                                        \
+            const __m512i wr = _mm512_set1_epi32((int)wk[(size_t)(r) * rs]);                         \
             DP_INPLACE(x##r##0, L0, wr); DP_INPLACE(x##r##1, H0, wr);                                \
             DP_INPLACE(x##r##2, L1, wr); DP_INPLACE(x##r##3, H1, wr);                                \
         }
@@ -1793,8 +1797,8 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                     for (int d = 0; d < Dv; d += 64) {
                         pf_cursor *p = r == 0 ? &cur : NULL;
                         if (VF == FMT_INT8)
-                            pv4_int8(WS_ACC(hv) + (size_t)r * Dv, Dv, d, WS_W(hv) + (size_t)r * WR, wsc[hv & 1] + r, vh,
-                                     npairs, p);
+                            pv4_int8(WS_ACC(hv) + (size_t)r * Dv, Dv, d, WS_W(hv) + (size_t)r * WR, 1, 4, wsc[hv & 1] + r,
+                                     vh, npairs, FMT_INT8, p);
                         else if (VF == FMT_BF16)
                             pv4_16(WS_ACC(hv) + (size_t)r * Dv, Dv, d, WS_W(hv) + (size_t)r * WR, 1, 4, vh, npairs, VF, p);
                         else
@@ -1935,6 +1939,9 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 for (int d = 0; d < Dv; d += 64) {
                     if (VF == FMT_BF16)
                         pv4_16(acc + (size_t)r * Dv, Dv, d, w + (size_t)r * WR, WR, 1, vh, npairs, VF, r == 0 ? &cur : NULL);
+                    else if (VF == FMT_INT8)
+                        pv4_int8(acc + (size_t)r * Dv, Dv, d, w + (size_t)r * WR, WR, 1, wscale + r * NG, vh, npairs, VF,
+                                 r == 0 ? &cur : NULL);
                     else
                         pv4(acc + (size_t)r * Dv, Dv, d, w + (size_t)r * WR, WR, 1, wscale + r * NG, NG, vh, npairs, VF,
                             r == 0 ? &cur : NULL);
