@@ -403,6 +403,33 @@ def test_decode_harness_builds_and_times_the_kernel(tmp_path: Path) -> None:
             assert res.returncode == 0 and "AMX tiles: emulated\n" in res.stdout, res.stdout + res.stderr
 
 
+def test_hot_spills_lists_a_functions_vector_stack_traffic(tmp_path: Path) -> None:
+    # tools/hot_spills.sh: the speed notes' eighth round (vectors gcc left in memory inside hot loops)
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "tools" / "hot_spills.sh"
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "FUNCTION HARNESS-ARGS" in usage.stdout
+    if shutil.which("perf") is None or shutil.which("gcc") is None:
+        pytest.skip("needs perf and gcc")
+    env = {**os.environ, "OUT": str(tmp_path)}
+    res = subprocess.run(["bash", str(script), "item_int8.constprop.0", "gqa", "1", "512", "1", "1", "int8", "20"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    if res.returncode != 0 and ("perf_event" in res.stderr or "Permission" in res.stderr):
+        pytest.skip("perf may not record here: " + res.stderr.strip().splitlines()[-1])
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.splitlines()
+    assert re.match(r"gqa int8 B1 S512, 1 threads: [0-9.]+ ms/layer", lines[0]), lines[0]
+    assert lines[1].startswith("hottest vector loads and stores on the stack or through %rip in item_int8")
+    total = re.fullmatch(r"total: ([0-9.]+)%", lines[-1])
+    assert total and 0 <= float(total.group(1)) <= 100, lines[-1]
+    assert all(re.match(r"\s+[0-9.]+ :\s+[0-9a-f]+:\s+\S+.*(\(%r[bs]p\)|%rip)", x) for x in lines[2:-1]), lines
+    wrong = subprocess.run(["bash", str(script), "item_nothing", "gqa", "1", "64", "1", "1", "int8", "1"],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert wrong.returncode == 1 and "no samples in item_nothing" in wrong.stdout
+
+
 def test_prefetch_probe_builds_and_streams(tmp_path: Path) -> None:
     # tools/prefetch_probe.c: the streaming loops behind docs/speed-notes.md's "Headroom in the memory path"
     exe = _build_tool(tmp_path, "prefetch_probe.c", "-Wall", "-Werror")
