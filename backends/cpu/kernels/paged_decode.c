@@ -1302,7 +1302,9 @@ static inline __attribute__((always_inline)) void pv4_int8(float *acc, int Dv, i
  * had kept them in registers) takes it too: routed there alone, the item function's code generation
  * moved and GQA in cache went 0.578 -> 0.596 ms, with both 0.573; streamed within noise (4.24-4.32
  * ms at B8 x 4096 over 18 rounds). fp8 rows gained nothing from it (GQA 0.551 -> 0.555, MLA -0.7%) and
- * keep pv4. */
+ * keep pv4; dropping their branch from this function moved gcc's code generation of the other item
+ * functions again, as fast or faster (alternated rounds: bf16 GQA in cache 0.576 -> 0.570, streamed
+ * 4.26 -> 4.17; int8 0.489 and 2.51 -> 2.50; MLA 0.748 -> 0.747). */
 #define DPBF_INPLACE(acc, a, b) __asm__("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
 static inline __attribute__((always_inline)) void pv4_16(float *acc, int Dv, int d, const uint32_t *w, int rs, int ks,
                                                          const uint8_t *const *vh, int npairs, const int VF,
@@ -1316,20 +1318,9 @@ static inline __attribute__((always_inline)) void pv4_16(float *acc, int Dv, int
         if (pf && (!pf_four(VF) || (k & 3) == 3 || k == npairs - 1))
             pf_step(pf, pf_four(VF) ? (k & 3) + 1 : 1, pf_four(VF));
         const uint8_t *va = vh[2 * k] + boff(VF, d), *vb = vh[2 * k + 1] + boff(VF, d);
-        __m512i L0, H0, L1, H1;
-#if FP8_LUT
-        if (lut8(VF)) {
-            const __m512i xa = _mm512_loadu_si512(va), xb = _mm512_loadu_si512(vb);
-            const fp8_lut tab = fp8_lut_load(VF, 0);
-            ld64_fp8_bytes(_mm512_unpacklo_epi8(xa, xb), &tab, &L0, &H0);
-            ld64_fp8_bytes(_mm512_unpackhi_epi8(xa, xb), &tab, &L1, &H1);
-        } else
-#endif
-        {
-            const __m512i A0 = ld32(va, VF), B0 = ld32(vb, VF), A1 = ld32(va + boff(VF, 32), VF), B1 = ld32(vb + boff(VF, 32), VF);
-            L0 = _mm512_unpacklo_epi16(A0, B0); H0 = _mm512_unpackhi_epi16(A0, B0);
-            L1 = _mm512_unpacklo_epi16(A1, B1); H1 = _mm512_unpackhi_epi16(A1, B1);
-        }
+        const __m512i A0 = ld32(va, VF), B0 = ld32(vb, VF), A1 = ld32(va + boff(VF, 32), VF), B1 = ld32(vb + boff(VF, 32), VF);
+        const __m512i L0 = _mm512_unpacklo_epi16(A0, B0), H0 = _mm512_unpackhi_epi16(A0, B0);
+        const __m512i L1 = _mm512_unpacklo_epi16(A1, B1), H1 = _mm512_unpackhi_epi16(A1, B1);
 #define PV_ROW(r)                                                                                    \
         {                                                                                            \
             const __m512i wr = _mm512_set1_epi32((int)w[(size_t)(r) * rs + (size_t)k * ks]);         \
