@@ -1254,7 +1254,9 @@ static inline __attribute__((always_inline)) void pv4(float *acc, int Dv, int d,
  * every eighth was slower again (int8 2.49). The per-row softmax's loop (int8 MLA caches) took it on
  * 2026-11-29: through pv4 an accumulator lived on the stack there too (9% of samples on its reload); MLA
  * int8 B1 x 4096 in cache 0.807 -> 0.785 ms (one thread), 0.446 -> 0.434 (two), streamed 0.425 -> 0.416.
- * int6 rows keep pv4 (0.917 -> 0.969 through this one). */
+ * int6 rows take it in softmax4's loop, where pv4 kept two accumulators on the stack too (6.8% of
+ * samples; GQA int6 B1 x 4096 in cache 0.620 -> 0.607, B8 x 4096 streamed 2.80 -> 2.72; int8 within
+ * noise), but not in the per-row one (int6 MLA caches: 0.917 -> 0.969 through this one). */
 #define DP_INPLACE(acc, a, b) __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
 static inline __attribute__((always_inline)) void pv4_int8(float *acc, int Dv, int d, const uint32_t *w, int rs,
                                                            int ks, const float *wscale, const uint8_t *const *vh,
@@ -1787,9 +1789,9 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 for (int r = 0; !AMX8 && !AMXF && r < R4; r += 4)
                     for (int d = 0; d < Dv; d += 64) {
                         pf_cursor *p = r == 0 ? &cur : NULL;
-                        if (VF == FMT_INT8)
+                        if (VF == FMT_INT8 || VF == FMT_INT6)
                             pv4_int8(WS_ACC(hv) + (size_t)r * Dv, Dv, d, WS_W(hv) + (size_t)r * WR, 1, 4, wsc[hv & 1] + r,
-                                     vh, npairs, FMT_INT8, p);
+                                     vh, npairs, VF, p);
                         else if (VF == FMT_BF16)
                             pv4_16(WS_ACC(hv) + (size_t)r * Dv, Dv, d, WS_W(hv) + (size_t)r * WR, 1, 4, vh, npairs, VF, p);
                         else
