@@ -425,6 +425,9 @@ def test_hot_spills_lists_a_functions_vector_stack_traffic(tmp_path: Path) -> No
     total = re.fullmatch(r"total: ([0-9.]+)%", lines[-1])
     assert total and 0 <= float(total.group(1)) <= 100, lines[-1]
     assert all(re.match(r"\s+[0-9.]+ :\s+[0-9a-f]+:\s+\S+.*(\(%r[bs]p\)|%rip)", x) for x in lines[2:-1]), lines
+    bad = subprocess.run(["bash", str(script), "item_int8.constprop.0", "gqa", "1", "64", "1", "1", "bf17", "1"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode == 2 and "FORMAT must be" in bad.stderr, bad.stdout + bad.stderr
     wrong = subprocess.run(["bash", str(script), "item_nothing", "gqa", "1", "64", "1", "1", "int8", "1"],
                            capture_output=True, text=True, timeout=300, env=env)
     assert wrong.returncode == 1 and "no samples in item_nothing" in wrong.stdout

@@ -32,7 +32,10 @@ if [ "$stale" = 1 ]; then
     gcc $flags -I backends/cpu/kernels tools/decode_harness.c -o "$out/harness" -lm
     echo "$flags" > "$out/flags"
 fi
-perf record -q -e cpu-clock -F 8000 -o "$out/perf.data" "$out/harness" "$@" > "$out/harness.txt" 2>&1
+if ! perf record -q -e cpu-clock -F 8000 -o "$out/perf.data" "$out/harness" "$@" > "$out/harness.txt" 2>&1; then
+    cat "$out/harness.txt" >&2  # the harness's usage line, or perf's reason
+    exit 2
+fi
 head -1 "$out/harness.txt"
 perf annotate -i "$out/perf.data" --stdio -s "$fn" 2>/dev/null | grep -E '^\s+[0-9]+\.[0-9]+ :' > "$out/annotate.txt" || true
 [ -s "$out/annotate.txt" ] || { echo "no samples in $fn (check the name: nm $out/harness | grep item_)"; exit 1; }
