@@ -125,11 +125,19 @@ def test_native_decode_and_torch_paths_both_match_the_reference(monkeypatch: pyt
     assert (results["native"].double() - results["torch"].double()).abs().max() < tol
 
 
+# the native prefill's builds: the one HAL_CPU_AMX selects (tiles where the CPU has them), and its AVX-512
+# path with the 64-key tiles of an AMX build, which runs where Linux refuses the tiles
+PREFILL_BUILDS = {"selected": None, "avx512-kt64": ("HAL_AMX_OFF", "HAL_PREFILL_KT=64")}
+
+
 @pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: "-".join(sorted(o)))
 @pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+@pytest.mark.parametrize("build", list(PREFILL_BUILDS))
 def test_native_prefill_and_torch_paths_both_match_the_reference(monkeypatch: pytest.MonkeyPatch, opts: dict,
-                                                                 paged: bool) -> None:
+                                                                 paged: bool, build: str) -> None:
     prefill = pytest.importorskip("hal.backends.cpu.kernels.flash_prefill")
+    if PREFILL_BUILDS[build] is not None:
+        monkeypatch.setattr(prefill, "amx_macros", lambda: PREFILL_BUILDS[build])
     gen = torch.Generator().manual_seed(11)
     q_lens, kv_lens = [40, 17, 70, 1], [40, 90, 70, 30]  # 1: decode-shaped, beside the long runs
     bs, hq, hkv, d = 16, 4, 2, 64

@@ -2,17 +2,20 @@
  * forward pass (Dao, 2023) with AVX-512 BF16 dot products.
  *
  * A work item is (sequence b, KV head h, query tile): QT query tokens times the G = Hq / Hkv query
- * heads of KV head h, R = QT * G rows. Keys and values are visited in tiles of KT = 32 tokens,
- * gathered from contiguous rows (dense) or through the block table (paged), and repacked so that
- * every multiply is a VDPBF16PS with no horizontal sums:
+ * heads of KV head h, R = QT * G rows. Keys and values are visited in tiles of KT = 32 tokens (64 in
+ * builds with AMX tiles), gathered from contiguous rows (dense) or through the block table (paged),
+ * and repacked so that every multiply is a VDPBF16PS with no horizontal sums:
  *   scores: K^T packed as [D/2][KT] dword pairs (k[t][2i], k[t][2i+1]); a row's query pair is
  *           broadcast and multiplied into 16 scores at once;
  *   P.V:    V packed as [KT/2][Dv] dword pairs (v[2u][d], v[2u+1][d]); a row's probability pair
  *           (rounded to bf16, as FlashAttention does) is broadcast into 16 output channels.
  * Scores, softmax statistics and the output accumulate in fp32. The options of SPEC section 2
  * (causal bottom-right, window, soft-cap, ALiBi, sinks) and the LSE are applied per row.
+ * A thread takes a work unit at a time: one sequence's KV head and a run of its query tiles, which
+ * share the packed key tiles (pack_cache: each is packed once per unit, not once per query tile).
  * Requires AVX512F + AVX512_BF16 (hal_flash_prefill_available() says whether it was built). On CPUs
- * with AMX both products run on tiles instead, on the same packed operands (amx.h, amx_*_tile).
+ * with AMX both products run on tiles instead, on the same packed operands, pipelined with the
+ * softmax (amx.h, amx_item).
  */
 #include <math.h>
 #include <stdint.h>
@@ -43,7 +46,14 @@ typedef struct {
 #include "simd.h"
 #include "amx.h"
 
-enum { KT = 32, ROWS = 64, MAXD = 256 };
+#ifndef HAL_PREFILL_KT                /* keys a tile: 32, or 64 with tiles (fewer accumulator round trips) */
+#define HAL_PREFILL_KT (HAL_AMX ? 64 : 32)
+#endif
+#ifndef HAL_PREFILL_ROWS              /* query rows a work item (64 or 128 alike on the AMX VM: kept at 64) */
+#define HAL_PREFILL_ROWS 64
+#endif
+enum { KT = HAL_PREFILL_KT, KH = KT / 16, ROWS = HAL_PREFILL_ROWS, MAXD = 256 };
+_Static_assert(KT == 32 || KT == 64, "HAL_PREFILL_KT: 32 or 64");
 
 int hal_flash_prefill_available(void) { return 1; }
 
@@ -53,8 +63,8 @@ static inline uint16_t f32_to_bf16(float f) {
 }
 
 typedef struct {
-    uint32_t kp[MAXD / 2][KT];    /* K^T tile, dword pairs along D */
-    uint32_t vp[KT / 2][MAXD];    /* V tile, dword pairs along tokens */
+    uint32_t kp[1 + HAL_AMX][MAXD / 2][KT];  /* K^T tile, dword pairs along D (with tiles: two, in turn) */
+    uint32_t vp[1 + HAL_AMX][KT / 2][MAXD];  /* V tile, dword pairs along tokens */
     float s[ROWS][KT];            /* scores, then probabilities */
     uint32_t pp[ROWS][KT / 2];    /* probabilities as bf16 pairs */
     float acc[ROWS][MAXD];
@@ -66,62 +76,239 @@ typedef struct {
     const uint8_t *krow[KT], *vrow[KT];
 } workspace;
 
-#if HAL_AMX
-/* Both products on AMX tiles (amx.h; every tile 16 rows x 64 bytes), 16 rows at a time, on the same
- * packed K^T and V and bf16 probabilities: C = the scores (16 rows x 16 keys) += A (16 query rows x 32
- * dims) B (kp: 16 dim pairs x 16 keys); the accumulator (16 rows x 16 channels) += A (pp: 16 rows x 16
- * key pairs) B (vp: 16 key pairs x 16 channels). Rows past R hold zeros (queries, probabilities). */
-static void amx_scores_tile(workspace *w, int R, int D) {
-    for (int r0 = 0; r0 < R; r0 += 16) {
-        _tile_zero(0);
-        _tile_zero(1);
-        for (int c = 0; c < D / 32; c++) {
-            _tile_loadd(4, &w->qs[r0][32 * c], 2 * MAXD);
-            _tile_loadd(5, &w->kp[16 * c][0], 4 * KT);
-            _tile_dpbf16ps(0, 4, 5);
-            _tile_loadd(6, &w->kp[16 * c][16], 4 * KT);
-            _tile_dpbf16ps(1, 4, 6);
+/* The online softmax of row r over the tile's keys j0 .. j0 + n - 1 (scores in w->s[r]): its running max
+ * and sum, its probabilities as bf16 pairs (w->pp[r]) and its accumulator rescaled */
+static inline void softmax_row(const prefill_args *a, workspace *w, int r, int j0, int n, int Dv) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 x[KH];
+    __mmask16 vis[KH];
+    for (int half = 0; half < KH; half++) {
+        __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(j0 + 16 * half), lane);
+        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(&w->s[r][16 * half]), _mm512_set1_ps(a->scale));
+        if (a->softcap > 0.f) v = softcap512(v, a->softcap);
+        if (a->alibi) {
+            __m512 dist = _mm512_abs_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(w->pos[r]), jv)));
+            v = _mm512_fnmadd_ps(_mm512_set1_ps(a->alibi[w->hq[r]]), dist, v);
         }
-        _tile_stored(0, &w->s[r0][0], 4 * KT);
-        _tile_stored(1, &w->s[r0][16], 4 * KT);
+        __mmask16 k = _mm512_cmplt_epi32_mask(jv, _mm512_set1_epi32(j0 + n));
+        if (a->causal) k &= _mm512_cmple_epi32_mask(jv, _mm512_set1_epi32(w->pos[r]));
+        if (a->window >= 0) k &= _mm512_cmpge_epi32_mask(jv, _mm512_set1_epi32(w->pos[r] - a->window));
+        vis[half] = k;
+        x[half] = _mm512_mask_blend_ps(k, _mm512_set1_ps(-INFINITY), v);
+    }
+    __m512 xm = x[0];
+    for (int u = 1; u < KH; u++) xm = _mm512_max_ps(xm, x[u]);
+    float mt = _mm512_reduce_max_ps(xm);
+    float m_new = mt > w->m[r] ? mt : w->m[r];
+    if (m_new == -INFINITY) { memset(w->pp[r], 0, sizeof(w->pp[r])); return; }
+    __m512 p[KH], ps = _mm512_setzero_ps();
+    for (int u = 0; u < KH; u++) {
+        p[u] = _mm512_maskz_mov_ps(vis[u], exp512(_mm512_sub_ps(x[u], _mm512_set1_ps(m_new))));
+        ps = _mm512_add_ps(ps, p[u]);
+    }
+    float alpha = expf(w->m[r] - m_new);
+    w->l[r] = w->l[r] * alpha + _mm512_reduce_add_ps(ps);
+    w->m[r] = m_new;
+    /* probabilities as bf16 pairs: element 2u in the low half of dword u */
+    for (int u = 0; u < KH; u += 2)          /* [p[u] (16), p[u + 1] (16)] as 32 bf16 */
+        _mm512_storeu_si512(&w->pp[r][8 * u], (__m512i)_mm512_cvtne2ps_pbh(p[u + 1], p[u]));
+    if (alpha != 1.f) {
+        __m512 va = _mm512_set1_ps(alpha);
+        for (int d = 0; d < Dv; d += 16) _mm512_storeu_ps(&w->acc[r][d], _mm512_mul_ps(va, _mm512_loadu_ps(&w->acc[r][d])));
     }
 }
 
-static void amx_pv_tile(workspace *w, int R, int Dv) {
-    for (int r0 = 0; r0 < R; r0 += 16) {
+#if HAL_AMX
+/* Both products on AMX tiles (amx.h; every tile 16 rows x 64 bytes), 16 rows (a group) at a time, on the
+ * same packed K^T and V and bf16 probabilities: C = the scores (16 rows x 16 keys) += A (16 query rows x
+ * 32 dims) B (kp: 16 dim pairs x 16 keys); the accumulator (16 rows x 16 channels) += A (pp: 16 rows x
+ * 16 key pairs) B (vp: 16 key pairs x 16 channels). Rows past R hold zeros (queries, probabilities).
+ * Each product is cut into steps, so that the vector work of the softmax can run between them. */
+static void amx_scores_step(workspace *w, const uint32_t (*kp)[KT], int r0, int c, int D) {
+    if (c == D / 32) {                        /* the last step: the scores out; C: tiles 0 .. KH - 1 */
+        _tile_stored(0, &w->s[r0][0], 4 * KT);
+        _tile_stored(1, &w->s[r0][16], 4 * KT);
+        if (KT > 32) {
+            _tile_stored(2, &w->s[r0][32], 4 * KT);
+            _tile_stored(3, &w->s[r0][48], 4 * KT);
+        }
+        return;
+    }
+    if (c == 0) {
+        _tile_zero(0);
+        _tile_zero(1);
+        if (KT > 32) { _tile_zero(2); _tile_zero(3); }
+    }
+    _tile_loadd(4, &w->qs[r0][32 * c], 2 * MAXD);  /* A: 4; B: 5, 6 */
+    _tile_loadd(5, &kp[16 * c][0], 4 * KT);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, &kp[16 * c][16], 4 * KT);
+    _tile_dpbf16ps(1, 4, 6);
+    if (KT > 32) {
+        _tile_loadd(5, &kp[16 * c][32], 4 * KT);
+        _tile_dpbf16ps(2, 4, 5);
+        _tile_loadd(6, &kp[16 * c][48], 4 * KT);
+        _tile_dpbf16ps(3, 4, 6);
+    }
+}
+
+/* one 16-channel block of 16 rows' accumulator: ct += A (4: keys 0-31; 5: keys 32-63) B (6, 7) */
+#define AMX_PV_BLOCK(ct)                                                                                  \
+    do {                                                                                                \
+        _tile_loadd(ct, c0, 4 * MAXD);                                                                  \
+        _tile_loadd(6, vp + 16 * blk, 4 * vs);                                                          \
+        _tile_dpbf16ps(ct, 4, 6);                                                                       \
+        if (KT > 32) {                                                                                  \
+            _tile_loadd(7, vp + (size_t)16 * vs + 16 * blk, 4 * vs);                                    \
+            _tile_dpbf16ps(ct, 5, 7);                                                                   \
+        }                                                                                               \
+        _tile_stored(ct, c0, 4 * MAXD);                                                                 \
+    } while (0)
+
+static void amx_pv_step(workspace *w, const uint32_t *vp, int vs, int r0, int blk) {
+    if (blk == 0) {
         _tile_loadd(4, w->pp[r0], 4 * (KT / 2));
-        for (int d = 0; d < Dv; d += 64) {
-            const int nb = Dv - d < 64 ? (Dv - d) / 16 : 4;  /* blocks of 16 channels */
-            float *c0 = &w->acc[r0][d];
-            _tile_loadd(0, c0, 4 * MAXD);
-            _tile_loadd(5, &w->vp[0][d], 4 * MAXD);
-            _tile_dpbf16ps(0, 4, 5);
-            _tile_stored(0, c0, 4 * MAXD);
-            if (nb > 1) {
-                _tile_loadd(1, c0 + 16, 4 * MAXD);
-                _tile_loadd(6, &w->vp[0][d + 16], 4 * MAXD);
-                _tile_dpbf16ps(1, 4, 6);
-                _tile_stored(1, c0 + 16, 4 * MAXD);
-            }
-            if (nb > 2) {
-                _tile_loadd(2, c0 + 32, 4 * MAXD);
-                _tile_loadd(7, &w->vp[0][d + 32], 4 * MAXD);
-                _tile_dpbf16ps(2, 4, 7);
-                _tile_stored(2, c0 + 32, 4 * MAXD);
-            }
-            if (nb > 3) {
-                _tile_loadd(3, c0 + 48, 4 * MAXD);
-                _tile_loadd(5, &w->vp[0][d + 48], 4 * MAXD);
-                _tile_dpbf16ps(3, 4, 5);
-                _tile_stored(3, c0 + 48, 4 * MAXD);
-            }
+        if (KT > 32) _tile_loadd(5, &w->pp[r0][16], 4 * (KT / 2));
+    }
+    float *c0 = &w->acc[r0][16 * blk];
+    switch (blk & 3) {                        /* tile numbers are immediates */
+    case 0: AMX_PV_BLOCK(0); break;
+    case 1: AMX_PV_BLOCK(1); break;
+    case 2: AMX_PV_BLOCK(2); break;
+    default: AMX_PV_BLOCK(3); break;
+    }
+}
+
+#endif
+
+/* Row pointers of keys j0 .. j0 + n - 1 of sequence b, KV head h; the tile's padding repeats its last row
+ * (masked off) */
+static void tile_rows(const prefill_args *a, int b, int h, int j0, int n, workspace *w) {
+    const int D = a->D, Dv = a->Dv;
+    const int64_t row_k = (int64_t)a->Hkv * D * 2, row_v = (int64_t)a->Hkv * Dv * 2;
+    for (int i = 0; i < KT; i++) {
+        int j = j0 + (i < n ? i : n - 1);
+        if (a->block_table) {
+            int64_t blk = a->block_table[(int64_t)b * a->bt_stride + j / a->bs], off = j % a->bs;
+            w->krow[i] = a->k + (blk * a->bs + off) * row_k + (int64_t)h * D * 2;
+            w->vrow[i] = a->v + (blk * a->bs + off) * row_v + (int64_t)h * Dv * 2;
+        } else {
+            w->krow[i] = a->k + (int64_t)(a->cu_k[b] + j) * row_k + (int64_t)h * D * 2;
+            w->vrow[i] = a->v + (int64_t)(a->cu_k[b] + j) * row_v + (int64_t)h * Dv * 2;
         }
     }
+}
+
+/* Pack the tile at w's row pointers: kp[i][t] = dword i of key t (K^T); vp[u * vs + d] = (v[2u][d],
+ * v[2u+1][d]) (V in token pairs), vs >= Dv rounded up to 32 */
+static void pack_tile(const workspace *w, int D, int Dv, uint32_t (*kp)[KT], uint32_t *vp, int vs) {
+    for (int t = 0; t < KT; t++) {
+        const uint32_t *kr = (const uint32_t *)w->krow[t];
+        for (int i = 0; i < D / 2; i++) kp[i][t] = kr[i];
+    }
+    const __m512i idx_a = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), idx_b = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    for (int u = 0; u < KT / 2; u++) {
+        const uint16_t *v0 = (const uint16_t *)w->vrow[2 * u], *v1 = (const uint16_t *)w->vrow[2 * u + 1];
+        for (int d = 0; d < Dv; d += 32) {
+            const __mmask32 m = Dv - d < 32 ? 0xffffu : 0xffffffffu;  /* a last 16 channels: no read past the row */
+            __m512i x0 = _mm512_maskz_loadu_epi16(m, v0 + d), x1 = _mm512_maskz_loadu_epi16(m, v1 + d);
+            /* interleave 16-bit lanes; unpack works per 128-bit lane, so restore channel order */
+            __m512i lo16 = _mm512_unpacklo_epi16(x0, x1), hi16 = _mm512_unpackhi_epi16(x0, x1);
+            _mm512_storeu_si512(vp + (size_t)u * vs + d, _mm512_permutex2var_epi64(lo16, idx_a, hi16));
+            _mm512_storeu_si512(vp + (size_t)u * vs + d + 16, _mm512_permutex2var_epi64(lo16, idx_b, hi16));
+        }
+    }
+}
+
+/* A unit's packed tiles (K^T and V pairs of whole KT-key tiles of one sequence and KV head), kept while
+ * the unit's query tiles run, so that each is packed once per unit rather than once per query tile */
+typedef struct {
+    uint32_t *buf;                /* tile i at buf + i * tile_dw: kp [D/2][KT], then vp [KT/2][vs] */
+    uint8_t *done;                /* [tiles]: tile i packed */
+    size_t tile_dw;
+    int vs;
+} pack_cache;
+
+/* A tile of keys: j0 .. j0 + n - 1, packed (kp, vp with rows vs dwords apart) */
+typedef struct {
+    const uint32_t (*kp)[KT];
+    const uint32_t *vp;
+    int vs, j0, n;
+} key_tile;
+
+static inline int tile_len(int j0, int hi) {  /* tiles end on multiples of KT, and at hi */
+    return (j0 / KT + 1) * KT < hi ? (j0 / KT + 1) * KT - j0 : hi - j0;
+}
+
+/* A tile that starts on a multiple of KT and whose KT keys the sequence holds comes from the unit's cache
+ * (packed on first use), even where this item sees only its first n (a causal cut: the rest are masked,
+ * as the reference masks them); any other goes into w's private buffer `slot`, its padding repeating its
+ * last visible row. */
+static key_tile prepare_tile(const prefill_args *a, int b, int h, int j0, int n, workspace *w, pack_cache *pc,
+                             int slot) {
+    const int D = a->D, Dv = a->Dv, S = a->block_table ? a->seq_lens[b] : a->cu_k[b + 1] - a->cu_k[b];
+    if (pc && j0 % KT == 0 && j0 + KT <= S) {
+        uint32_t *t = pc->buf + (size_t)(j0 / KT) * pc->tile_dw;
+        if (!pc->done[j0 / KT]) {
+            tile_rows(a, b, h, j0, KT, w);
+            pack_tile(w, D, Dv, (uint32_t(*)[KT])t, t + (size_t)(D / 2) * KT, pc->vs);
+            pc->done[j0 / KT] = 1;
+        }
+        return (key_tile){(const uint32_t(*)[KT])t, t + (size_t)(D / 2) * KT, pc->vs, j0, n};
+    }
+    tile_rows(a, b, h, j0, n, w);
+    pack_tile(w, D, Dv, w->kp[slot], &w->vp[slot][0][0], MAXD);
+    return (key_tile){(const uint32_t(*)[KT])w->kp[slot], &w->vp[slot][0][0], MAXD, j0, n};
+}
+
+#if HAL_AMX
+/* The tile path of an item's keys [lo, hi) for rows 0 .. R - 1 (G groups of 16), as one pipeline over
+ * (key tile, group) pairs: while the vector units run group g's softmax, row by row, the tile unit runs
+ * P.V of the pair before it and the scores of the pair after it, in steps between the rows (the next
+ * tile's scores of group 0 during this tile's last group, this tile's last P.V during the next tile's
+ * first group). Measured on a Sapphire Rapids VM: a tile load costs about as much as a tile product and
+ * neither overlaps the other, while vector work runs beside both; the softmax's ~100 vector
+ * instructions a row thus run during the tile work instead of after it. With one group (R <= 16), its
+ * P.V must finish before the next tile's softmax rewrites its probabilities, so it runs first. */
+static void amx_item(const prefill_args *a, int b, int h, workspace *w, pack_cache *pc, int R, int lo, int hi) {
+    const int D = a->D, Dv = a->Dv, G = (R + 15) / 16, nsc = D / 32 + 1, npv = Dv / 16;
+    int slot = 0;
+    key_tile cur = prepare_tile(a, b, h, lo, tile_len(lo, hi), w, pc, slot), nxt = cur, prev = cur;
+    int has_prev = 0;
+    for (int c = 0; c < nsc; c++) amx_scores_step(w, cur.kp, 0, c, D);
+    for (;;) {
+        const int has_next = cur.j0 + cur.n < hi;
+        if (G == 1 && has_prev)
+            for (int blk = 0; blk < npv; blk++) amx_pv_step(w, prev.vp, prev.vs, 0, blk);
+        for (int g = 0; g < G; g++) {
+            if (g == (G > 1) && has_next)     /* after prev's last P.V: nxt may reuse its private buffer */
+                nxt = prepare_tile(a, b, h, cur.j0 + cur.n, tile_len(cur.j0 + cur.n, hi), w, pc, slot ^= 1);
+            const key_tile *pv = g > 0 ? &cur : G > 1 && has_prev ? &prev : NULL;
+            const key_tile *sc = g + 1 < G ? &cur : has_next ? &nxt : NULL;
+            const int npv_g = pv ? npv : 0, nsc_g = sc ? nsc : 0, pv_r0 = 16 * (g > 0 ? g - 1 : G - 1),
+                      sc_r0 = 16 * (g + 1 < G ? g + 1 : 0);
+            int done = 0;
+            for (int i = 0; i < 16; i++) {
+                if (16 * g + i < R) softmax_row(a, w, 16 * g + i, cur.j0, cur.n, Dv);
+                for (const int upto = (npv_g + nsc_g) * (i + 1) / 16; done < upto; done++) {
+                    if (done < npv_g) amx_pv_step(w, pv->vp, pv->vs, pv_r0, done);
+                    else amx_scores_step(w, sc->kp, sc_r0, done - npv_g, D);
+                }
+            }
+        }
+        prev = cur;
+        has_prev = 1;
+        if (!has_next) break;
+        cur = nxt;
+    }
+    for (int blk = 0; blk < npv; blk++) amx_pv_step(w, prev.vp, prev.vs, 16 * (G - 1), blk);
 }
 #endif
 
-static void run_item(const prefill_args *a, int b, int h, int t0, int t1, workspace *w, int amx_on) {
-    const int amx = HAL_AMX && amx_on;        /* (a constant without tiles: that build keeps its code) */
+static void run_item(const prefill_args *a, int b, int h, int t0, int t1, workspace *w, int amx_on, pack_cache *pc) {
+#if !HAL_AMX
+    (void)amx_on;                             /* (the build without tiles keeps its code) */
+#endif
     const int G = a->Hq / a->Hkv, D = a->D, Dv = a->Dv;
     const int q0 = a->cu_q[b], ql = a->cu_q[b + 1] - q0;
     const int S = a->block_table ? a->seq_lens[b] : a->cu_k[b + 1] - a->cu_k[b];
@@ -136,7 +323,7 @@ static void run_item(const prefill_args *a, int b, int h, int t0, int t1, worksp
         memset(w->acc[r], 0, sizeof(float) * Dv);
     }
 #if HAL_AMX
-    if (amx) {                                /* rows past R: zeros through their 16-row group */
+    if (amx_on) {                             /* rows past R: zeros through their 16-row group */
         for (int r = 0; r < R; r++) memcpy(w->qs[r], a->q + ((size_t)w->qt[r] * a->Hq + w->hq[r]) * D, 2 * (size_t)D);
         for (int r = R; r < ((R + 15) & ~15); r++) {
             memset(w->qs[r], 0, sizeof w->qs[r]);
@@ -150,102 +337,42 @@ static void run_item(const prefill_args *a, int b, int h, int t0, int t1, worksp
     if (hi > S) hi = S;
     int lo = a->window >= 0 ? S - ql + t0 - a->window : 0;
     if (lo < 0) lo = 0;
-    const int64_t row_k = (int64_t)a->Hkv * D * 2, row_v = (int64_t)a->Hkv * Dv * 2;
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (int j0 = lo; j0 < hi; j0 += KT) {
-        const int n = hi - j0 < KT ? hi - j0 : KT;
-        for (int i = 0; i < KT; i++) {
-            int j = j0 + (i < n ? i : n - 1);     /* the tile's padding repeats its last row (masked off) */
-            if (a->block_table) {
-                int64_t blk = a->block_table[(int64_t)b * a->bt_stride + j / a->bs], off = j % a->bs;
-                w->krow[i] = a->k + (blk * a->bs + off) * row_k + (int64_t)h * D * 2;
-                w->vrow[i] = a->v + (blk * a->bs + off) * row_v + (int64_t)h * Dv * 2;
-            } else {
-                w->krow[i] = a->k + (int64_t)(a->cu_k[b] + j) * row_k + (int64_t)h * D * 2;
-                w->vrow[i] = a->v + (int64_t)(a->cu_k[b] + j) * row_v + (int64_t)h * Dv * 2;
-            }
-        }
-        /* pack K^T: kp[i][t] = dword i of key t */
-        for (int t = 0; t < KT; t++) {
-            const uint32_t *kr = (const uint32_t *)w->krow[t];
-            for (int i = 0; i < D / 2; i++) w->kp[i][t] = kr[i];
-        }
-        /* pack V: vp[u][d] = (v[2u][d], v[2u+1][d]) */
-        for (int u = 0; u < KT / 2; u++) {
-            const __m512i *v0 = (const __m512i *)w->vrow[2 * u], *v1 = (const __m512i *)w->vrow[2 * u + 1];
-            for (int d = 0; d < Dv; d += 32) {
-                __m512i x0 = _mm512_loadu_si512(v0 + d / 32), x1 = _mm512_loadu_si512(v1 + d / 32);
-                /* interleave 16-bit lanes; unpack works per 128-bit lane, so restore channel order */
-                __m512i lo16 = _mm512_unpacklo_epi16(x0, x1), hi16 = _mm512_unpackhi_epi16(x0, x1);
-                __m512i idx_a = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), idx_b = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-                _mm512_storeu_si512(&w->vp[u][d], _mm512_permutex2var_epi64(lo16, idx_a, hi16));
-                _mm512_storeu_si512(&w->vp[u][d + 16], _mm512_permutex2var_epi64(lo16, idx_b, hi16));
-            }
-        }
-        /* scores: 4 rows x 32 keys per pass */
 #if HAL_AMX
-        if (amx) amx_scores_tile(w, R, D);
+    if (amx_on) {
+        amx_item(a, b, h, w, pc, R, lo, hi);
+        goto out;
+    }
 #endif
-        for (int r = 0; !amx && r < R; r += 4) {
-            __m512 c[4][2];
-            for (int x = 0; x < 4; x++) c[x][0] = c[x][1] = _mm512_setzero_ps();
+    for (int j0 = lo, n; j0 < hi; j0 += n) {
+        n = tile_len(j0, hi);
+        const key_tile kt = prepare_tile(a, b, h, j0, n, w, pc, 0);
+        const uint32_t(*kp)[KT] = kt.kp;
+        const uint32_t *vp = kt.vp;
+        const int vs = kt.vs;
+        /* scores: 4 rows x 32 keys per pass */
+        for (int r = 0; r < R; r += 4) {
+            __m512 c[4][KH];
+            for (int x = 0; x < 4; x++)
+                for (int u = 0; u < KH; u++) c[x][u] = _mm512_setzero_ps();
             const uint32_t *qr[4];
             for (int x = 0; x < 4; x++) {
                 int rr = r + x < R ? r + x : R - 1;
                 qr[x] = (const uint32_t *)(a->q + ((size_t)w->qt[rr] * a->Hq + w->hq[rr]) * D);
             }
             for (int i = 0; i < D / 2; i++) {
-                __m512bh k0 = (__m512bh)_mm512_loadu_si512(&w->kp[i][0]), k1 = (__m512bh)_mm512_loadu_si512(&w->kp[i][16]);
+                __m512bh kk[KH];
+                for (int u = 0; u < KH; u++) kk[u] = (__m512bh)_mm512_loadu_si512(&kp[i][16 * u]);
                 for (int x = 0; x < 4; x++) {
                     __m512bh qq = (__m512bh)_mm512_set1_epi32((int)qr[x][i]);
-                    c[x][0] = _mm512_dpbf16_ps(c[x][0], qq, k0);
-                    c[x][1] = _mm512_dpbf16_ps(c[x][1], qq, k1);
+                    for (int u = 0; u < KH; u++) c[x][u] = _mm512_dpbf16_ps(c[x][u], qq, kk[u]);
                 }
             }
-            for (int x = 0; x < 4 && r + x < R; x++) {
-                _mm512_storeu_ps(&w->s[r + x][0], c[x][0]);
-                _mm512_storeu_ps(&w->s[r + x][16], c[x][1]);
-            }
+            for (int x = 0; x < 4 && r + x < R; x++)
+                for (int u = 0; u < KH; u++) _mm512_storeu_ps(&w->s[r + x][16 * u], c[x][u]);
         }
-        /* online softmax per row */
-        for (int r = 0; r < R; r++) {
-            __m512 x[2];
-            __mmask16 vis[2];
-            for (int half = 0; half < 2; half++) {
-                __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(j0 + 16 * half), lane);
-                __m512 v = _mm512_mul_ps(_mm512_loadu_ps(&w->s[r][16 * half]), _mm512_set1_ps(a->scale));
-                if (a->softcap > 0.f) v = softcap512(v, a->softcap);
-                if (a->alibi) {
-                    __m512 dist = _mm512_abs_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(w->pos[r]), jv)));
-                    v = _mm512_fnmadd_ps(_mm512_set1_ps(a->alibi[w->hq[r]]), dist, v);
-                }
-                __mmask16 k = _mm512_cmplt_epi32_mask(jv, _mm512_set1_epi32(j0 + n));
-                if (a->causal) k &= _mm512_cmple_epi32_mask(jv, _mm512_set1_epi32(w->pos[r]));
-                if (a->window >= 0) k &= _mm512_cmpge_epi32_mask(jv, _mm512_set1_epi32(w->pos[r] - a->window));
-                vis[half] = k;
-                x[half] = _mm512_mask_blend_ps(k, _mm512_set1_ps(-INFINITY), v);
-            }
-            float mt = _mm512_reduce_max_ps(_mm512_max_ps(x[0], x[1]));
-            float m_new = mt > w->m[r] ? mt : w->m[r];
-            if (m_new == -INFINITY) { memset(w->pp[r], 0, sizeof(w->pp[r])); continue; }
-            __m512 p0 = _mm512_maskz_mov_ps(vis[0], exp512(_mm512_sub_ps(x[0], _mm512_set1_ps(m_new))));
-            __m512 p1 = _mm512_maskz_mov_ps(vis[1], exp512(_mm512_sub_ps(x[1], _mm512_set1_ps(m_new))));
-            float alpha = expf(w->m[r] - m_new);
-            w->l[r] = w->l[r] * alpha + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
-            w->m[r] = m_new;
-            /* probabilities as bf16 pairs: element 2u in the low half of dword u */
-            __m512bh pb = _mm512_cvtne2ps_pbh(p1, p0);   /* [p0 (16), p1 (16)] as 32 bf16 */
-            _mm512_storeu_si512(w->pp[r], (__m512i)pb);
-            if (alpha != 1.f) {
-                __m512 va = _mm512_set1_ps(alpha);
-                for (int d = 0; d < Dv; d += 16) _mm512_storeu_ps(&w->acc[r][d], _mm512_mul_ps(va, _mm512_loadu_ps(&w->acc[r][d])));
-            }
-        }
+        for (int r = 0; r < R; r++) softmax_row(a, w, r, j0, n, Dv);
         /* P.V: 2 rows x 128 channels in registers */
-#if HAL_AMX
-        if (amx) amx_pv_tile(w, R, Dv);
-#endif
-        for (int r = 0; !amx && r < R; r += 2) {
+        for (int r = 0; r < R; r += 2) {
             const int r2 = r + 1 < R ? r + 1 : r;
             for (int d0 = 0; d0 < Dv; d0 += 128) {
                 const int nd = Dv - d0 < 128 ? (Dv - d0) / 16 : 8;
@@ -254,7 +381,7 @@ static void run_item(const prefill_args *a, int b, int h, int t0, int t1, worksp
                 for (int u = 0; u < KT / 2; u++) {
                     __m512bh w0 = (__m512bh)_mm512_set1_epi32((int)w->pp[r][u]), w1 = (__m512bh)_mm512_set1_epi32((int)w->pp[r2][u]);
                     for (int c = 0; c < nd; c++) {
-                        __m512bh vv = (__m512bh)_mm512_loadu_si512(&w->vp[u][d0 + 16 * c]);
+                        __m512bh vv = (__m512bh)_mm512_loadu_si512(vp + (size_t)u * vs + d0 + 16 * c);
                         o0[c] = _mm512_dpbf16_ps(o0[c], w0, vv);
                         o1[c] = _mm512_dpbf16_ps(o1[c], w1, vv);
                     }
@@ -266,6 +393,9 @@ static void run_item(const prefill_args *a, int b, int h, int t0, int t1, worksp
             }
         }
     }
+#if HAL_AMX
+out:
+#endif
     for (int r = 0; r < R; r++) {
         float inv = w->l[r] > 0.f ? 1.f / w->l[r] : 0.f;
         uint16_t *o = a->out + ((size_t)w->qt[r] * a->Hq + w->hq[r]) * Dv;
@@ -274,42 +404,77 @@ static void run_item(const prefill_args *a, int b, int h, int t0, int t1, worksp
     }
 }
 
+enum { PACK_CAP = 64 << 20 };  /* most bytes of packed tiles a thread keeps (S = 128K keys at d128) */
+
 /* 0 on success; 1 when the shapes are outside what this kernel handles (nothing computed). */
 int hal_flash_prefill(const prefill_args *a, int num_threads) {
     const int G = a->Hq / a->Hkv;
     if (a->D % 32 || a->Dv % 16 || a->D > MAXD || a->Dv > MAXD || G > ROWS) return 1;
     const int qt = ROWS / G;  /* query tokens per tile */
     const int amx = amx_grant() == AMX_NATIVE || amx_grant() == AMX_EMULATED;  /* asked before the threads */
-    int items = 0;
-    for (int b = 0; b < a->B; b++)
-        if (a->active[b]) items += a->Hkv * ((a->cu_q[b + 1] - a->cu_q[b] + qt - 1) / qt);
-    int *plan = (int *)malloc(sizeof(int) * 3 * (size_t)(items > 0 ? items : 1));
-    int it = 0;
+    /* Work units: a sequence's KV head and a run of its query tiles, which share their packed key tiles.
+     * A (b, h) splits into as many runs as it takes to give each thread about four units; the units
+     * with the latest (under a causal mask, longest) query tiles go first. */
+    int groups = 0, max_s = 0;
     for (int b = 0; b < a->B; b++) {
         if (!a->active[b]) continue;
-        int ql = a->cu_q[b + 1] - a->cu_q[b];
-        for (int t0 = ql - ((ql + qt - 1) / qt) * qt; t0 < ql; t0 += qt)   /* longest (last) tiles first */
-            for (int h = 0; h < a->Hkv; h++) { plan[3 * it] = b; plan[3 * it + 1] = h; plan[3 * it + 2] = t0; it++; }
+        groups += a->Hkv;
+        const int S = a->block_table ? a->seq_lens[b] : a->cu_k[b + 1] - a->cu_k[b];
+        if (S > max_s) max_s = S;
     }
+    const int runs = groups ? (4 * num_threads + groups - 1) / groups : 1;
+    int units = 0;
+    for (int b = 0; b < a->B; b++)
+        if (a->active[b]) {
+            const int nt = (a->cu_q[b + 1] - a->cu_q[b] + qt - 1) / qt;
+            units += a->Hkv * (nt < runs ? nt : runs);
+        }
+    int *plan = (int *)malloc(sizeof(int) * 4 * (size_t)(units > 0 ? units : 1));
+    int it = 0;
+    for (int r = runs - 1; r >= 0; r--)
+        for (int b = 0; b < a->B; b++) {
+            if (!a->active[b]) continue;
+            const int ql = a->cu_q[b + 1] - a->cu_q[b], nt = (ql + qt - 1) / qt, nr = nt < runs ? nt : runs;
+            if (r >= nr) continue;
+            for (int h = 0; h < a->Hkv; h++) {  /* query tiles [k0, k1) of nt, aligned to the sequence's end */
+                plan[4 * it] = b; plan[4 * it + 1] = h;
+                plan[4 * it + 2] = (int)((int64_t)nt * r / nr); plan[4 * it + 3] = (int)((int64_t)nt * (r + 1) / nr);
+                it++;
+            }
+        }
+    const int vs = (a->Dv + 31) & ~31, max_tiles = max_s / KT;
+    const size_t tile_dw = (size_t)(a->D / 2) * KT + (size_t)(KT / 2) * vs;
+    const int cache = max_tiles > 0 && (size_t)max_tiles * tile_dw * 4 <= PACK_CAP;
 #ifdef _OPENMP
     #pragma omp parallel num_threads(num_threads)
 #endif
     {
         workspace *w = (workspace *)aligned_alloc(64, (sizeof(workspace) + 63) / 64 * 64);
+        pack_cache pc = {NULL, NULL, tile_dw, vs};
+        if (cache) {
+            pc.buf = (uint32_t *)aligned_alloc(64, (size_t)max_tiles * tile_dw * 4);
+            pc.done = (uint8_t *)malloc((size_t)max_tiles);
+        }
 #if HAL_AMX
         if (amx) amx_configure();
 #endif
 #ifdef _OPENMP
         #pragma omp for schedule(dynamic, 1)
 #endif
-        for (int i = 0; i < items; i++) {
-            int b = plan[3 * i], h = plan[3 * i + 1], t0 = plan[3 * i + 2], ql = a->cu_q[b + 1] - a->cu_q[b];
-            int s0 = t0 < 0 ? 0 : t0, s1 = t0 + qt < ql ? t0 + qt : ql;
-            run_item(a, b, h, s0, s1, w, amx);
+        for (int i = 0; i < units; i++) {
+            const int b = plan[4 * i], h = plan[4 * i + 1], ql = a->cu_q[b + 1] - a->cu_q[b];
+            const int nt = (ql + qt - 1) / qt;
+            if (pc.buf) memset(pc.done, 0, (size_t)max_tiles);
+            for (int k = plan[4 * i + 3] - 1; k >= plan[4 * i + 2]; k--) {  /* the longest first: it packs */
+                const int t0 = ql - (nt - k) * qt, s0 = t0 < 0 ? 0 : t0, s1 = t0 + qt;
+                run_item(a, b, h, s0, s1, w, amx, pc.buf ? &pc : NULL);
+            }
         }
 #if HAL_AMX
         if (amx) _tile_release();
 #endif
+        free(pc.buf);
+        free(pc.done);
         free(w);
     }
     free(plan);
