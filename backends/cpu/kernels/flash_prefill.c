@@ -119,6 +119,49 @@ static inline void softmax_row(const prefill_args *a, workspace *w, int r, int j
 }
 
 #if HAL_AMX
+/* The tile path's softmax, a 16-row group at a time in two passes over its rows, so that the group's
+ * new maxima, rescales and sums are vector work across the rows instead of a scalar chain per row.
+ * Pass 1 (softmax_max_row): row r's scores scaled, soft-capped, ALiBi-biased and masked (-inf), written
+ * back, and their max. Pass 2 (softmax_exp_row): their exponentials against the row's new max, as bf16
+ * pairs, and their sum. `mask` 0: every key of the tile is visible to every row of the group. */
+static inline float softmax_max_row(const prefill_args *a, workspace *w, int r, int j0, int n, int mask) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 xm = _mm512_set1_ps(-INFINITY);
+    for (int u = 0; u < KH; u++) {
+        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(&w->s[r][16 * u]), _mm512_set1_ps(a->scale));
+        if (a->softcap > 0.f) v = softcap512(v, a->softcap);
+        if (a->alibi || mask) {
+            const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(j0 + 16 * u), lane);
+            if (a->alibi) {
+                __m512 dist = _mm512_abs_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(w->pos[r]), jv)));
+                v = _mm512_fnmadd_ps(_mm512_set1_ps(a->alibi[w->hq[r]]), dist, v);
+            }
+            if (mask) {
+                __mmask16 k = _mm512_cmplt_epi32_mask(jv, _mm512_set1_epi32(j0 + n));
+                if (a->causal) k &= _mm512_cmple_epi32_mask(jv, _mm512_set1_epi32(w->pos[r]));
+                if (a->window >= 0) k &= _mm512_cmpge_epi32_mask(jv, _mm512_set1_epi32(w->pos[r] - a->window));
+                v = _mm512_mask_blend_ps(k, _mm512_set1_ps(-INFINITY), v);
+            }
+        }
+        _mm512_storeu_ps(&w->s[r][16 * u], v);
+        xm = _mm512_max_ps(xm, v);
+    }
+    return _mm512_reduce_max_ps(xm);
+}
+
+static inline float softmax_exp_row(workspace *w, int r, float m) {
+    __m512 p[KH], ps = _mm512_setzero_ps();
+    for (int u = 0; u < KH; u++) {
+        const __m512 x = _mm512_loadu_ps(&w->s[r][16 * u]);
+        const __mmask16 vis = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        p[u] = _mm512_maskz_mov_ps(vis, exp512(_mm512_sub_ps(x, _mm512_set1_ps(m))));
+        ps = _mm512_add_ps(ps, p[u]);
+    }
+    for (int u = 0; u < KH; u += 2)           /* [p[u] (16), p[u + 1] (16)] as 32 bf16 */
+        _mm512_storeu_si512(&w->pp[r][8 * u], (__m512i)_mm512_cvtne2ps_pbh(p[u + 1], p[u]));
+    return _mm512_reduce_add_ps(ps);
+}
+
 /* Both products on AMX tiles (amx.h; every tile 16 rows x 64 bytes), 16 rows (a group) at a time, on the
  * same packed K^T and V and bf16 probabilities: C = the scores (16 rows x 16 keys) += A (16 query rows x
  * 32 dims) B (kp: 16 dim pairs x 16 keys); the accumulator (16 rows x 16 channels) += A (pp: 16 rows x
@@ -287,14 +330,42 @@ static void amx_item(const prefill_args *a, int b, int h, workspace *w, pack_cac
             const key_tile *sc = g + 1 < G ? &cur : has_next ? &nxt : NULL;
             const int npv_g = pv ? npv : 0, nsc_g = sc ? nsc : 0, pv_r0 = 16 * (g > 0 ? g - 1 : G - 1),
                       sc_r0 = 16 * (g + 1 < G ? g + 1 : 0);
+            /* the group's softmax in two passes of 16 rows; the tile steps spread over their 32 rows */
+            const int r0 = 16 * g, rl = R - r0 < 16 ? R - r0 : 16, total = npv_g + nsc_g;
+            const int mask = cur.n < KT || (a->causal && w->pos[r0] < cur.j0 + cur.n - 1) ||
+                             (a->window >= 0 && w->pos[r0 + rl - 1] - a->window > cur.j0);
+            float mrow[16] __attribute__((aligned(64))), srow[16] __attribute__((aligned(64)));
             int done = 0;
-            for (int i = 0; i < 16; i++) {
-                if (16 * g + i < R) softmax_row(a, w, 16 * g + i, cur.j0, cur.n, Dv);
-                for (const int upto = (npv_g + nsc_g) * (i + 1) / 16; done < upto; done++) {
+            for (int i = 0; i < 32; i++) {
+                if (i < 16) mrow[i] = i < rl ? softmax_max_row(a, w, r0 + i, cur.j0, cur.n, mask) : -INFINITY;
+                else if (i - 16 < rl) srow[i - 16] = softmax_exp_row(w, r0 + i - 16, mrow[i - 16]);
+                else srow[i - 16] = 0.f;
+                if (i == 15) {                /* the new maxima (0 where a row sees nothing yet), rescales */
+                    const __m512 m_old = _mm512_loadu_ps(&w->m[r0]);
+                    const __m512 m_new = _mm512_max_ps(m_old, _mm512_load_ps(mrow));
+                    _mm512_storeu_ps(&w->m[r0], m_new);
+                    const __mmask16 none = _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ);
+                    const __m512 m_use = _mm512_mask_blend_ps(none, m_new, _mm512_setzero_ps());
+                    _mm512_store_ps(mrow, m_use);
+                    _mm512_store_ps(srow, exp512(_mm512_sub_ps(m_old, m_use)));  /* alpha, for now */
+                }
+                for (const int upto = total * (i + 1) / 32; done < upto; done++) {
                     if (done < npv_g) amx_pv_step(w, pv->vp, pv->vs, pv_r0, done);
                     else amx_scores_step(w, sc->kp, sc_r0, done - npv_g, D);
                 }
+                if (i == 15) {                /* rows whose max moved: their accumulators rescaled */
+                    __mmask16 moved = _mm512_cmp_ps_mask(_mm512_load_ps(srow), _mm512_set1_ps(1.f), _CMP_NEQ_OQ);
+                    moved &= (__mmask16)((1u << rl) - 1);
+                    _mm512_storeu_ps(&w->l[r0], _mm512_mul_ps(_mm512_loadu_ps(&w->l[r0]), _mm512_load_ps(srow)));
+                    for (; moved; moved &= moved - 1) {
+                        const int k = __builtin_ctz(moved);
+                        const __m512 va = _mm512_set1_ps(srow[k]);
+                        for (int d = 0; d < Dv; d += 16)
+                            _mm512_storeu_ps(&w->acc[r0 + k][d], _mm512_mul_ps(va, _mm512_loadu_ps(&w->acc[r0 + k][d])));
+                    }
+                }
             }
+            _mm512_storeu_ps(&w->l[r0], _mm512_add_ps(_mm512_loadu_ps(&w->l[r0]), _mm512_load_ps(srow)));
         }
         prev = cur;
         has_prev = 1;
@@ -326,6 +397,8 @@ static void run_item(const prefill_args *a, int b, int h, int t0, int t1, worksp
     if (amx_on) {                             /* rows past R: zeros through their 16-row group */
         for (int r = 0; r < R; r++) memcpy(w->qs[r], a->q + ((size_t)w->qt[r] * a->Hq + w->hq[r]) * D, 2 * (size_t)D);
         for (int r = R; r < ((R + 15) & ~15); r++) {
+            w->m[r] = -INFINITY;
+            w->l[r] = 0.f;
             memset(w->qs[r], 0, sizeof w->qs[r]);
             memset(w->pp[r], 0, sizeof w->pp[r]);
             memset(w->acc[r], 0, sizeof w->acc[r]);
