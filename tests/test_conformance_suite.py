@@ -102,8 +102,9 @@ def _has_avx512_bf16() -> bool:
 
 @pytest.mark.skipif(not _has_avx512_bf16(), reason="the AMX tile code is part of the AVX-512 BF16 path")
 def test_cpu_passes_the_full_level_on_amx_tiles_in_their_c_model() -> None:
-    # decode's bf16 rows in 16-row groups (MLA's heads, 16+ GQA rows), int8 and fp8 rows in 4-row
-    # groups, and bf16 prefill run on AMX tiles where the CPU has them; here the tile instructions run
+    # decode's bf16 rows in 16-row groups (MLA's heads, 16+ GQA rows), fp8 rows in 4-row groups, and bf16
+    # prefill run on AMX tiles where the CPU has them (int8 rows in 4-row groups too where built with
+    # HAL_AMX_INT8_DECODE, as the model's build is: slower natively on the one AMX VM measured); here the tile instructions run
     # in kernels/amx.h's C model, so the suite checks the tile code's layouts, strides and staging (a
     # model that drops each bf16 pair's odd product fails 31 decode cases; int8 weights without their
     # low bytes fail all 7 int8 decode cases, fp8 values staged without their last 16 dims all 8 fp8

@@ -921,7 +921,15 @@ static void amx_pv(float *acc, int Dv, const uint32_t *w, int WR, const uint8_t 
 }
 #endif
 
-#if HAL_AMX_INT8 && !defined(HAL_STAGED16) && defined(__AVX512VBMI__)
+/* int8 GQA decode on tiles is off in native builds: on the issue's machine kind (a Sapphire Rapids VM,
+ * 2026-11-29) it ran 1.28x slower than the AVX-512 VNNI path in cache and 1.13x slower streamed (B1 and
+ * B8 x 4096, alternated rounds): a 4-row group fills a quarter of each tile product, and a tile load
+ * costs there about as much as a product. -DHAL_AMX_INT8_DECODE=1 builds it natively (tools/amx_check.sh
+ * times it on other AMX machines); the C model's build keeps it, so the suite still checks its code. */
+#ifndef HAL_AMX_INT8_DECODE
+#define HAL_AMX_INT8_DECODE (!HAL_AMX_NATIVE)
+#endif
+#if HAL_AMX_INT8 && HAL_AMX_INT8_DECODE && !defined(HAL_STAGED16) && defined(__AVX512VBMI__)
 #define HAL_AMX8 1
 /* int8 rows, 4-row groups (GQA decode), on AMX-INT8 tiles, with the AVX-512 path's arithmetic: the
  * int16 queries and int16 weights each split into two bytes, so that the byte products (TDPBSUD,
