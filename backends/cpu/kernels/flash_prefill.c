@@ -53,6 +53,9 @@ typedef struct {
 #define HAL_PREFILL_ROWS 64
 #endif
 enum { KT = HAL_PREFILL_KT, KH = KT / 16, ROWS = HAL_PREFILL_ROWS, MAXD = 256 };
+#ifndef LAZY
+#define LAZY 5.5f                       /* ~ln 256: FA4 lets the max lag by 8 in base 2 */
+#endif
 _Static_assert(KT == 32 || KT == 64, "HAL_PREFILL_KT: 32 or 64");
 
 int hal_flash_prefill_available(void) { return 1; }
@@ -342,7 +345,12 @@ static void amx_item(const prefill_args *a, int b, int h, workspace *w, pack_cac
                 else srow[i - 16] = 0.f;
                 if (i == 15) {                /* the new maxima (0 where a row sees nothing yet), rescales */
                     const __m512 m_old = _mm512_loadu_ps(&w->m[r0]);
-                    const __m512 m_new = _mm512_max_ps(m_old, _mm512_load_ps(mrow));
+                    const __m512 m_max = _mm512_max_ps(m_old, _mm512_load_ps(mrow));
+                    /* a row's reference max moves only when its max passes it by more than LAZY (FA4's
+                     * lazy rescale): the rows' exponentials stay below e^LAZY, and most tiles then
+                     * rescale nothing */
+                    const __mmask16 up = _mm512_cmp_ps_mask(m_max, _mm512_add_ps(m_old, _mm512_set1_ps(LAZY)), _CMP_GT_OQ);
+                    const __m512 m_new = _mm512_mask_blend_ps(up, m_old, m_max);
                     _mm512_storeu_ps(&w->m[r0], m_new);
                     const __mmask16 none = _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ);
                     const __m512 m_use = _mm512_mask_blend_ps(none, m_new, _mm512_setzero_ps());
