@@ -79,53 +79,10 @@ typedef struct {
     const uint8_t *krow[KT], *vrow[KT];
 } workspace;
 
-/* The online softmax of row r over the tile's keys j0 .. j0 + n - 1 (scores in w->s[r]): its running max
- * and sum, its probabilities as bf16 pairs (w->pp[r]) and its accumulator rescaled */
-static inline void softmax_row(const prefill_args *a, workspace *w, int r, int j0, int n, int Dv) {
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512 x[KH];
-    __mmask16 vis[KH];
-    for (int half = 0; half < KH; half++) {
-        __m512i jv = _mm512_add_epi32(_mm512_set1_epi32(j0 + 16 * half), lane);
-        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(&w->s[r][16 * half]), _mm512_set1_ps(a->scale));
-        if (a->softcap > 0.f) v = softcap512(v, a->softcap);
-        if (a->alibi) {
-            __m512 dist = _mm512_abs_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(w->pos[r]), jv)));
-            v = _mm512_fnmadd_ps(_mm512_set1_ps(a->alibi[w->hq[r]]), dist, v);
-        }
-        __mmask16 k = _mm512_cmplt_epi32_mask(jv, _mm512_set1_epi32(j0 + n));
-        if (a->causal) k &= _mm512_cmple_epi32_mask(jv, _mm512_set1_epi32(w->pos[r]));
-        if (a->window >= 0) k &= _mm512_cmpge_epi32_mask(jv, _mm512_set1_epi32(w->pos[r] - a->window));
-        vis[half] = k;
-        x[half] = _mm512_mask_blend_ps(k, _mm512_set1_ps(-INFINITY), v);
-    }
-    __m512 xm = x[0];
-    for (int u = 1; u < KH; u++) xm = _mm512_max_ps(xm, x[u]);
-    float mt = _mm512_reduce_max_ps(xm);
-    float m_new = mt > w->m[r] ? mt : w->m[r];
-    if (m_new == -INFINITY) { memset(w->pp[r], 0, sizeof(w->pp[r])); return; }
-    __m512 p[KH], ps = _mm512_setzero_ps();
-    for (int u = 0; u < KH; u++) {
-        p[u] = _mm512_maskz_mov_ps(vis[u], exp512(_mm512_sub_ps(x[u], _mm512_set1_ps(m_new))));
-        ps = _mm512_add_ps(ps, p[u]);
-    }
-    float alpha = expf(w->m[r] - m_new);
-    w->l[r] = w->l[r] * alpha + _mm512_reduce_add_ps(ps);
-    w->m[r] = m_new;
-    /* probabilities as bf16 pairs: element 2u in the low half of dword u */
-    for (int u = 0; u < KH; u += 2)          /* [p[u] (16), p[u + 1] (16)] as 32 bf16 */
-        _mm512_storeu_si512(&w->pp[r][8 * u], (__m512i)_mm512_cvtne2ps_pbh(p[u + 1], p[u]));
-    if (alpha != 1.f) {
-        __m512 va = _mm512_set1_ps(alpha);
-        for (int d = 0; d < Dv; d += 16) _mm512_storeu_ps(&w->acc[r][d], _mm512_mul_ps(va, _mm512_loadu_ps(&w->acc[r][d])));
-    }
-}
-
-#if HAL_AMX
-/* The tile path's softmax, a 16-row group at a time in two passes over its rows, so that the group's
- * new maxima, rescales and sums are vector work across the rows instead of a scalar chain per row.
- * Pass 1 (softmax_max_row): row r's scores scaled, soft-capped, ALiBi-biased and masked (-inf), written
- * back, and their max. Pass 2 (softmax_exp_row): their exponentials against the row's new max, as bf16
+/* A row's softmax over a tile in two passes. The tile path runs them a 16-row group at a time, so that
+ * the group's new maxima, rescales and sums are vector work across the rows (amx_item); softmax_row
+ * runs them for one row. Pass 1 (softmax_max_row): row r's scores scaled, soft-capped, ALiBi-biased
+ * and masked (-inf), written back, and their max. Pass 2 (softmax_exp_row): their exponentials against the row's new max, as bf16
  * pairs, and their sum. `mask` 0: every key of the tile is visible to every row of the group. */
 static inline float softmax_max_row(const prefill_args *a, workspace *w, int r, int j0, int n, int mask) {
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -165,6 +122,21 @@ static inline float softmax_exp_row(workspace *w, int r, float m) {
     return _mm512_reduce_add_ps(ps);
 }
 
+/* The online softmax of row r over the tile's keys j0 .. j0 + n - 1 (scores in w->s[r]): its running max
+ * and sum, its probabilities as bf16 pairs (w->pp[r]) and its accumulator rescaled */
+static inline void softmax_row(const prefill_args *a, workspace *w, int r, int j0, int n, int Dv) {
+    const float mt = softmax_max_row(a, w, r, j0, n, 1), m_new = mt > w->m[r] ? mt : w->m[r];
+    if (m_new == -INFINITY) { memset(w->pp[r], 0, sizeof(w->pp[r])); return; }
+    const float alpha = expf(w->m[r] - m_new);
+    w->l[r] = w->l[r] * alpha + softmax_exp_row(w, r, m_new);
+    w->m[r] = m_new;
+    if (alpha != 1.f) {
+        __m512 va = _mm512_set1_ps(alpha);
+        for (int d = 0; d < Dv; d += 16) _mm512_storeu_ps(&w->acc[r][d], _mm512_mul_ps(va, _mm512_loadu_ps(&w->acc[r][d])));
+    }
+}
+
+#if HAL_AMX
 /* Both products on AMX tiles (amx.h; every tile 16 rows x 64 bytes), 16 rows (a group) at a time, on the
  * same packed K^T and V and bf16 probabilities: C = the scores (16 rows x 16 keys) += A (16 query rows x
  * 32 dims) B (kp: 16 dim pairs x 16 keys); the accumulator (16 rows x 16 channels) += A (pp: 16 rows x
