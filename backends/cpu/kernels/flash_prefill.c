@@ -468,13 +468,8 @@ int hal_flash_prefill(const prefill_args *a, int num_threads) {
     /* Work units: a sequence's KV head and a run of its query tiles, which share their packed key tiles.
      * A (b, h) splits into as many runs as it takes to give each thread about four units; the units
      * with the latest (under a causal mask, longest) query tiles go first. */
-    int groups = 0, max_s = 0;
-    for (int b = 0; b < a->B; b++) {
-        if (!a->active[b]) continue;
-        groups += a->Hkv;
-        const int S = a->block_table ? a->seq_lens[b] : a->cu_k[b + 1] - a->cu_k[b];
-        if (S > max_s) max_s = S;
-    }
+    int groups = 0;
+    for (int b = 0; b < a->B; b++) groups += a->active[b] ? a->Hkv : 0;
     const int runs = groups ? (4 * num_threads + groups - 1) / groups : 1;
     int units = 0;
     for (int b = 0; b < a->B; b++)
@@ -495,6 +490,11 @@ int hal_flash_prefill(const prefill_args *a, int num_threads) {
                 it++;
             }
         }
+    int max_s = 0;                            /* the longest sequence whose unit runs 2+ query tiles */
+    for (int i = 0; i < units; i++) {
+        const int b = plan[4 * i], S = a->block_table ? a->seq_lens[b] : a->cu_k[b + 1] - a->cu_k[b];
+        if (plan[4 * i + 3] - plan[4 * i + 2] > 1 && S > max_s) max_s = S;
+    }
     const int vs = (a->Dv + 31) & ~31, max_tiles = max_s / KT;
     const size_t tile_dw = (size_t)(a->D / 2) * KT + (size_t)(KT / 2) * vs;
     const int cache = max_tiles > 0 && (size_t)max_tiles * tile_dw * 4 <= PACK_CAP;
@@ -517,10 +517,12 @@ int hal_flash_prefill(const prefill_args *a, int num_threads) {
         for (int i = 0; i < units; i++) {
             const int b = plan[4 * i], h = plan[4 * i + 1], ql = a->cu_q[b + 1] - a->cu_q[b];
             const int nt = (ql + qt - 1) / qt;
-            if (pc.buf) memset(pc.done, 0, (size_t)max_tiles);
+            /* one query tile packs each key tile once anyway: its private buffer, not the cache's pages */
+            pack_cache *use = pc.buf && plan[4 * i + 3] - plan[4 * i + 2] > 1 ? &pc : NULL;
+            if (use) memset(pc.done, 0, (size_t)max_tiles);
             for (int k = plan[4 * i + 3] - 1; k >= plan[4 * i + 2]; k--) {  /* the longest first: it packs */
                 const int t0 = ql - (nt - k) * qt, s0 = t0 < 0 ? 0 : t0, s1 = t0 + qt;
-                run_item(a, b, h, s0, s1, w, amx, pc.buf ? &pc : NULL);
+                run_item(a, b, h, s0, s1, w, amx, use);
             }
         }
 #if HAL_AMX
