@@ -122,6 +122,28 @@ static inline float softmax_exp_row(workspace *w, int r, float m) {
     return _mm512_reduce_add_ps(ps);
 }
 
+/* The same two passes for a tile that needs no mask, soft-cap or ALiBi, with a positive scale: pass 1
+ * takes the max of the raw scores (the max of the scaled scores is the scale times it, exactly: rounding
+ * is monotonic) and writes nothing back; pass 2 folds the scale into the exponent, 2^(x scale log2 e -
+ * m log2 e). Per 16 scores, 14 vector instructions where the general passes take 21. */
+static inline float softmax_max_raw(const workspace *w, int r) {
+    __m512 xm = _mm512_loadu_ps(&w->s[r][0]);
+    for (int u = 1; u < KH; u++) xm = _mm512_max_ps(xm, _mm512_loadu_ps(&w->s[r][16 * u]));
+    return _mm512_reduce_max_ps(xm);
+}
+
+static inline float softmax_exp2_row(workspace *w, int r, float m, float scale) {
+    const __m512 c = _mm512_set1_ps(scale * 1.44269504088896341f), mc = _mm512_set1_ps(m * 1.44269504088896341f);
+    __m512 p[KH], ps = _mm512_setzero_ps();
+    for (int u = 0; u < KH; u++) {
+        p[u] = exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(&w->s[r][16 * u]), c, mc));
+        ps = _mm512_add_ps(ps, p[u]);
+    }
+    for (int u = 0; u < KH; u += 2)
+        _mm512_storeu_si512(&w->pp[r][8 * u], (__m512i)_mm512_cvtne2ps_pbh(p[u + 1], p[u]));
+    return _mm512_reduce_add_ps(ps);
+}
+
 /* The online softmax of row r over the tile's keys j0 .. j0 + n - 1 (scores in w->s[r]): its running max
  * and sum, its probabilities as bf16 pairs (w->pp[r]) and its accumulator rescaled */
 static inline void softmax_row(const prefill_args *a, workspace *w, int r, int j0, int n, int Dv) {
@@ -309,11 +331,17 @@ static void amx_item(const prefill_args *a, int b, int h, workspace *w, pack_cac
             const int r0 = 16 * g, rl = R - r0 < 16 ? R - r0 : 16, total = npv_g + nsc_g;
             const int mask = cur.n < KT || (a->causal && w->pos[r0] < cur.j0 + cur.n - 1) ||
                              (a->window >= 0 && w->pos[r0 + rl - 1] - a->window > cur.j0);
+            const int plain = !mask && !a->alibi && !(a->softcap > 0.f) && a->scale > 0.f;
             float mrow[16] __attribute__((aligned(64))), srow[16] __attribute__((aligned(64)));
             int done = 0;
             for (int i = 0; i < 32; i++) {
-                if (i < 16) mrow[i] = i < rl ? softmax_max_row(a, w, r0 + i, cur.j0, cur.n, mask) : -INFINITY;
-                else if (i - 16 < rl) srow[i - 16] = softmax_exp_row(w, r0 + i - 16, mrow[i - 16]);
+                if (i < 16)
+                    mrow[i] = i >= rl ? -INFINITY
+                              : plain ? a->scale * softmax_max_raw(w, r0 + i)
+                                      : softmax_max_row(a, w, r0 + i, cur.j0, cur.n, mask);
+                else if (i - 16 < rl)
+                    srow[i - 16] = plain ? softmax_exp2_row(w, r0 + i - 16, mrow[i - 16], a->scale)
+                                         : softmax_exp_row(w, r0 + i - 16, mrow[i - 16]);
                 else srow[i - 16] = 0.f;
                 if (i == 15) {                /* the new maxima (0 where a row sees nothing yet), rescales */
                     const __m512 m_old = _mm512_loadu_ps(&w->m[r0]);
