@@ -145,12 +145,16 @@ static inline float softmax_exp2_row(workspace *w, int r, float m, float scale) 
 }
 
 /* The online softmax of row r over the tile's keys j0 .. j0 + n - 1 (scores in w->s[r]): its running max
- * and sum, its probabilities as bf16 pairs (w->pp[r]) and its accumulator rescaled */
+ * and sum, its probabilities as bf16 pairs (w->pp[r]) and its accumulator rescaled; the lighter passes
+ * where the row sees the whole tile unbiased */
 static inline void softmax_row(const prefill_args *a, workspace *w, int r, int j0, int n, int Dv) {
-    const float mt = softmax_max_row(a, w, r, j0, n, 1), m_new = mt > w->m[r] ? mt : w->m[r];
+    const int plain = n == KT && !a->alibi && !(a->softcap > 0.f) && a->scale > 0.f &&
+                      (!a->causal || w->pos[r] >= j0 + n - 1) && (a->window < 0 || w->pos[r] - a->window <= j0);
+    const float mt = plain ? a->scale * softmax_max_raw(w, r) : softmax_max_row(a, w, r, j0, n, 1);
+    const float m_new = mt > w->m[r] ? mt : w->m[r];
     if (m_new == -INFINITY) { memset(w->pp[r], 0, sizeof(w->pp[r])); return; }
     const float alpha = expf(w->m[r] - m_new);
-    w->l[r] = w->l[r] * alpha + softmax_exp_row(w, r, m_new);
+    w->l[r] = w->l[r] * alpha + (plain ? softmax_exp2_row(w, r, m_new, a->scale) : softmax_exp_row(w, r, m_new));
     w->m[r] = m_new;
     if (alpha != 1.f) {
         __m512 va = _mm512_set1_ps(alpha);
