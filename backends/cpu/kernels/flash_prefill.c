@@ -223,6 +223,62 @@ static void amx_pv_step(workspace *w, const uint32_t *vp, int vs, int r0, int bl
     }
 }
 
+
+/* The same products for two groups at once (32 rows: r0 and r0 + 16), so that each K^T and V tile load
+ * serves both: per 16 rows and 64 keys, 34 tile loads where one group at a time takes 46 (the scores'
+ * query tiles are loaded twice as often, their key tiles and P.V's value tiles half as often), and as
+ * many products. The scores run in halves of 32 keys (their four accumulators are 2 groups x 2 key
+ * blocks, stored after each half, so only while another block's softmax runs: see amx_item); steps:
+ * KT / 32 halves x (D / 32 + 1). P.V: tiles 4-7 the two groups' probabilities, 2-3 the value pairs,
+ * 0-1 the two groups' accumulator blocks. */
+static void amx_scores_step2(workspace *w, const uint32_t (*kp)[KT], int r0, int step, int D) {
+    const int nc = D / 32 + 1, k0 = 32 * (step / nc), c = step % nc;
+    if (c == D / 32) {
+        _tile_stored(0, &w->s[r0][k0], 4 * KT);
+        _tile_stored(1, &w->s[r0][k0 + 16], 4 * KT);
+        _tile_stored(2, &w->s[r0 + 16][k0], 4 * KT);
+        _tile_stored(3, &w->s[r0 + 16][k0 + 16], 4 * KT);
+        return;
+    }
+    if (c == 0) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+    _tile_loadd(4, &w->qs[r0][32 * c], 2 * MAXD);
+    _tile_loadd(6, &kp[16 * c][k0], 4 * KT);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, &kp[16 * c][k0 + 16], 4 * KT);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, &w->qs[r0 + 16][32 * c], 2 * MAXD);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+}
+
+static void amx_pv_step2(workspace *w, const uint32_t *vp, int vs, int r0, int blk) {
+    if (blk == 0) {
+        _tile_loadd(4, w->pp[r0], 4 * (KT / 2));
+        _tile_loadd(6, w->pp[r0 + 16], 4 * (KT / 2));
+        if (KT > 32) {
+            _tile_loadd(5, &w->pp[r0][16], 4 * (KT / 2));
+            _tile_loadd(7, &w->pp[r0 + 16][16], 4 * (KT / 2));
+        }
+    }
+    float *c0 = &w->acc[r0][16 * blk], *c1 = &w->acc[r0 + 16][16 * blk];
+    _tile_loadd(0, c0, 4 * MAXD);
+    _tile_loadd(2, vp + 16 * blk, 4 * vs);
+    _tile_dpbf16ps(0, 4, 2);
+    _tile_loadd(1, c1, 4 * MAXD);
+    _tile_dpbf16ps(1, 6, 2);
+    if (KT > 32) {
+        _tile_loadd(3, vp + (size_t)16 * vs + 16 * blk, 4 * vs);
+        _tile_dpbf16ps(0, 5, 3);
+        _tile_dpbf16ps(1, 7, 3);
+    }
+    _tile_stored(0, c0, 4 * MAXD);
+    _tile_stored(1, c1, 4 * MAXD);
+}
 #endif
 
 /* Row pointers of keys j0 .. j0 + n - 1 of sequence b, KV head h; the tile's padding repeats its last row
@@ -306,85 +362,108 @@ static key_tile prepare_tile(const prefill_args *a, int b, int h, int j0, int n,
 }
 
 #if HAL_AMX
+/* A block's tile steps: its scores (`sc`) or P.V (`pv`), for one group or (two) a pair */
+static inline void amx_block_step(workspace *w, const key_tile *t, int r0, int two, int is_pv, int step, int D) {
+    if (is_pv) {
+        if (two) amx_pv_step2(w, t->vp, t->vs, r0, step);
+        else amx_pv_step(w, t->vp, t->vs, r0, step);
+    } else {
+        if (two) amx_scores_step2(w, t->kp, r0, step, D);
+        else amx_scores_step(w, t->kp, r0, step, D);
+    }
+}
+
 /* The tile path of an item's keys [lo, hi) for rows 0 .. R - 1 (G groups of 16), as one pipeline over
- * (key tile, group) pairs: while the vector units run group g's softmax, row by row, the tile unit runs
- * P.V of the pair before it and the scores of the pair after it, in steps between the rows (the next
- * tile's scores of group 0 during this tile's last group, this tile's last P.V during the next tile's
- * first group). Measured on a Sapphire Rapids VM: a tile load costs about as much as a tile product and
- * neither overlaps the other, while vector work runs beside both; the softmax's ~100 vector
- * instructions a row thus run during the tile work instead of after it. With one group (R <= 16), its
- * P.V must finish before the next tile's softmax rewrites its probabilities, so it runs first. */
+ * (key tile, block) pairs, a block being two groups where there are three or more (so that the next
+ * block's scores never write rows whose softmax is running), else one: while the vector units run a
+ * block's softmax, row by row, the tile unit runs P.V of the pair before it and the scores of the pair
+ * after it, in steps between the rows (the next tile's scores of block 0 during this tile's last block,
+ * this tile's last P.V during the next tile's first block). Measured on a Sapphire Rapids VM: a tile
+ * load costs about as much as a tile product and neither overlaps the other, while vector work runs
+ * beside both; the softmax's ~100 vector instructions a row thus run during the tile work instead of
+ * after it. With one block, its P.V must finish before the next tile's softmax rewrites its
+ * probabilities, so it runs first. */
 static void amx_item(const prefill_args *a, int b, int h, workspace *w, pack_cache *pc, int R, int lo, int hi) {
-    const int D = a->D, Dv = a->Dv, G = (R + 15) / 16, nsc = D / 32 + 1, npv = Dv / 16;
+    const int D = a->D, Dv = a->Dv, G = (R + 15) / 16, BG = G >= 3 ? 2 : 1, NB = (G + BG - 1) / BG;
+    const int npv = Dv / 16;
+#define BLOCK_TWO(bk) (BG == 2 && 2 * (bk) + 1 < G)
+#define BLOCK_NSC(bk) (BLOCK_TWO(bk) ? (KT / 32) * (D / 32 + 1) : D / 32 + 1)
+#define BLOCK_R0(bk) (16 * BG * (bk))
     int slot = 0;
     key_tile cur = prepare_tile(a, b, h, lo, tile_len(lo, hi), w, pc, slot), nxt = cur, prev = cur;
     int has_prev = 0;
-    for (int c = 0; c < nsc; c++) amx_scores_step(w, cur.kp, 0, c, D);
+    for (int c = 0; c < BLOCK_NSC(0); c++) amx_block_step(w, &cur, 0, BLOCK_TWO(0), 0, c, D);
     for (;;) {
         const int has_next = cur.j0 + cur.n < hi;
-        if (G == 1 && has_prev)
-            for (int blk = 0; blk < npv; blk++) amx_pv_step(w, prev.vp, prev.vs, 0, blk);
-        for (int g = 0; g < G; g++) {
-            if (g == (G > 1) && has_next)     /* after prev's last P.V: nxt may reuse its private buffer */
+        if (NB == 1 && has_prev)
+            for (int blk = 0; blk < npv; blk++) amx_block_step(w, &prev, 0, BLOCK_TWO(0), 1, blk, D);
+        for (int bk = 0; bk < NB; bk++) {
+            if (bk == (NB > 1) && has_next)   /* after prev's last P.V: nxt may reuse its private buffer */
                 nxt = prepare_tile(a, b, h, cur.j0 + cur.n, tile_len(cur.j0 + cur.n, hi), w, pc, slot ^= 1);
-            const key_tile *pv = g > 0 ? &cur : G > 1 && has_prev ? &prev : NULL;
-            const key_tile *sc = g + 1 < G ? &cur : has_next ? &nxt : NULL;
-            const int npv_g = pv ? npv : 0, nsc_g = sc ? nsc : 0, pv_r0 = 16 * (g > 0 ? g - 1 : G - 1),
-                      sc_r0 = 16 * (g + 1 < G ? g + 1 : 0);
-            /* the group's softmax in two passes of 16 rows; the tile steps spread over their 32 rows */
-            const int r0 = 16 * g, rl = R - r0 < 16 ? R - r0 : 16, total = npv_g + nsc_g;
-            const int mask = cur.n < KT || (a->causal && w->pos[r0] < cur.j0 + cur.n - 1) ||
-                             (a->window >= 0 && w->pos[r0 + rl - 1] - a->window > cur.j0);
-            const int plain = !mask && !a->alibi && !(a->softcap > 0.f) && a->scale > 0.f;
-            float mrow[16] __attribute__((aligned(64))), srow[16] __attribute__((aligned(64)));
+            const key_tile *pv = bk > 0 ? &cur : NB > 1 && has_prev ? &prev : NULL;
+            const key_tile *sc = bk + 1 < NB ? &cur : has_next ? &nxt : NULL;
+            const int pv_b = bk > 0 ? bk - 1 : NB - 1, sc_b = bk + 1 < NB ? bk + 1 : 0;
+            const int npv_g = pv ? npv : 0, nsc_g = sc ? BLOCK_NSC(sc_b) : 0, total = npv_g + nsc_g;
+            const int g0 = BG * bk, gn = G - g0 < BG ? G - g0 : BG;
             int done = 0;
-            for (int i = 0; i < 32; i++) {
-                if (i < 16)
-                    mrow[i] = i >= rl ? -INFINITY
-                              : plain ? a->scale * softmax_max_raw(w, r0 + i)
-                                      : softmax_max_row(a, w, r0 + i, cur.j0, cur.n, mask);
-                else if (i - 16 < rl)
-                    srow[i - 16] = plain ? softmax_exp2_row(w, r0 + i - 16, mrow[i - 16], a->scale)
-                                         : softmax_exp_row(w, r0 + i - 16, mrow[i - 16]);
-                else srow[i - 16] = 0.f;
-                if (i == 15) {                /* the new maxima (0 where a row sees nothing yet), rescales */
-                    const __m512 m_old = _mm512_loadu_ps(&w->m[r0]);
-                    const __m512 m_max = _mm512_max_ps(m_old, _mm512_load_ps(mrow));
-                    /* a row's reference max moves only when its max passes it by more than LAZY (FA4's
-                     * lazy rescale): the rows' exponentials stay below e^LAZY, and most tiles then
-                     * rescale nothing */
-                    const __mmask16 up = _mm512_cmp_ps_mask(m_max, _mm512_add_ps(m_old, _mm512_set1_ps(LAZY)), _CMP_GT_OQ);
-                    const __m512 m_new = _mm512_mask_blend_ps(up, m_old, m_max);
-                    _mm512_storeu_ps(&w->m[r0], m_new);
-                    const __mmask16 none = _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ);
-                    const __m512 m_use = _mm512_mask_blend_ps(none, m_new, _mm512_setzero_ps());
-                    _mm512_store_ps(mrow, m_use);
-                    _mm512_store_ps(srow, exp512(_mm512_sub_ps(m_old, m_use)));  /* alpha, for now */
-                }
-                for (const int upto = total * (i + 1) / 32; done < upto; done++) {
-                    if (done < npv_g) amx_pv_step(w, pv->vp, pv->vs, pv_r0, done);
-                    else amx_scores_step(w, sc->kp, sc_r0, done - npv_g, D);
-                }
-                if (i == 15) {                /* rows whose max moved: their accumulators rescaled */
-                    __mmask16 moved = _mm512_cmp_ps_mask(_mm512_load_ps(srow), _mm512_set1_ps(1.f), _CMP_NEQ_OQ);
-                    moved &= (__mmask16)((1u << rl) - 1);
-                    _mm512_storeu_ps(&w->l[r0], _mm512_mul_ps(_mm512_loadu_ps(&w->l[r0]), _mm512_load_ps(srow)));
-                    for (; moved; moved &= moved - 1) {
-                        const int k = __builtin_ctz(moved);
-                        const __m512 va = _mm512_set1_ps(srow[k]);
-                        for (int d = 0; d < Dv; d += 16)
-                            _mm512_storeu_ps(&w->acc[r0 + k][d], _mm512_mul_ps(va, _mm512_loadu_ps(&w->acc[r0 + k][d])));
+            for (int gg = 0; gg < gn; gg++) {
+                /* the group's softmax in two passes of 16 rows; the block's tile steps spread over its rows */
+                const int r0 = 16 * (g0 + gg), rl = R - r0 < 16 ? R - r0 : 16;
+                const int mask = cur.n < KT || (a->causal && w->pos[r0] < cur.j0 + cur.n - 1) ||
+                                 (a->window >= 0 && w->pos[r0 + rl - 1] - a->window > cur.j0);
+                const int plain = !mask && !a->alibi && !(a->softcap > 0.f) && a->scale > 0.f;
+                float mrow[16] __attribute__((aligned(64))), srow[16] __attribute__((aligned(64)));
+                for (int i = 0; i < 32; i++) {
+                    if (i < 16)
+                        mrow[i] = i >= rl ? -INFINITY
+                                  : plain ? a->scale * softmax_max_raw(w, r0 + i)
+                                          : softmax_max_row(a, w, r0 + i, cur.j0, cur.n, mask);
+                    else if (i - 16 < rl)
+                        srow[i - 16] = plain ? softmax_exp2_row(w, r0 + i - 16, mrow[i - 16], a->scale)
+                                             : softmax_exp_row(w, r0 + i - 16, mrow[i - 16]);
+                    else srow[i - 16] = 0.f;
+                    if (i == 15) {            /* the new maxima (0 where a row sees nothing yet), rescales */
+                        const __m512 m_old = _mm512_loadu_ps(&w->m[r0]);
+                        const __m512 m_max = _mm512_max_ps(m_old, _mm512_load_ps(mrow));
+                        /* a row's reference max moves only when its max passes it by more than LAZY (FA4's
+                         * lazy rescale): the rows' exponentials stay below e^LAZY, and most tiles then
+                         * rescale nothing */
+                        const __mmask16 up = _mm512_cmp_ps_mask(m_max, _mm512_add_ps(m_old, _mm512_set1_ps(LAZY)), _CMP_GT_OQ);
+                        const __m512 m_new = _mm512_mask_blend_ps(up, m_old, m_max);
+                        _mm512_storeu_ps(&w->m[r0], m_new);
+                        const __mmask16 none = _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ);
+                        const __m512 m_use = _mm512_mask_blend_ps(none, m_new, _mm512_setzero_ps());
+                        _mm512_store_ps(mrow, m_use);
+                        _mm512_store_ps(srow, exp512(_mm512_sub_ps(m_old, m_use)));  /* alpha, for now */
+                    }
+                    for (const int upto = total * (32 * gg + i + 1) / (32 * gn); done < upto; done++) {
+                        if (done < npv_g) amx_block_step(w, pv, BLOCK_R0(pv_b), BLOCK_TWO(pv_b), 1, done, D);
+                        else amx_block_step(w, sc, BLOCK_R0(sc_b), BLOCK_TWO(sc_b), 0, done - npv_g, D);
+                    }
+                    if (i == 15) {            /* rows whose max moved: their accumulators rescaled */
+                        __mmask16 moved = _mm512_cmp_ps_mask(_mm512_load_ps(srow), _mm512_set1_ps(1.f), _CMP_NEQ_OQ);
+                        moved &= (__mmask16)((1u << rl) - 1);
+                        _mm512_storeu_ps(&w->l[r0], _mm512_mul_ps(_mm512_loadu_ps(&w->l[r0]), _mm512_load_ps(srow)));
+                        for (; moved; moved &= moved - 1) {
+                            const int k = __builtin_ctz(moved);
+                            const __m512 va = _mm512_set1_ps(srow[k]);
+                            for (int d = 0; d < Dv; d += 16)
+                                _mm512_storeu_ps(&w->acc[r0 + k][d], _mm512_mul_ps(va, _mm512_loadu_ps(&w->acc[r0 + k][d])));
+                        }
                     }
                 }
+                _mm512_storeu_ps(&w->l[r0], _mm512_add_ps(_mm512_loadu_ps(&w->l[r0]), _mm512_load_ps(srow)));
             }
-            _mm512_storeu_ps(&w->l[r0], _mm512_add_ps(_mm512_loadu_ps(&w->l[r0]), _mm512_load_ps(srow)));
         }
         prev = cur;
         has_prev = 1;
         if (!has_next) break;
         cur = nxt;
     }
-    for (int blk = 0; blk < npv; blk++) amx_pv_step(w, prev.vp, prev.vs, 16 * (G - 1), blk);
+    for (int blk = 0; blk < npv; blk++) amx_block_step(w, &prev, BLOCK_R0(NB - 1), BLOCK_TWO(NB - 1), 1, blk, D);
+#undef BLOCK_TWO
+#undef BLOCK_NSC
+#undef BLOCK_R0
 }
 #endif
 
