@@ -84,7 +84,7 @@ typedef struct {
  * runs them for one row. Pass 1 (softmax_max_row): row r's scores scaled, soft-capped, ALiBi-biased
  * and masked (-inf), written back, and their max. Pass 2 (softmax_exp_row): their exponentials against the row's new max, as bf16
  * pairs, and their sum. `mask` 0: every key of the tile is visible to every row of the group. */
-static inline float softmax_max_row(const prefill_args *a, workspace *w, int r, int j0, int n, int mask) {
+static inline __m512 softmax_max_row_v(const prefill_args *a, workspace *w, int r, int j0, int n, int mask) {
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512 xm = _mm512_set1_ps(-INFINITY);
     for (int u = 0; u < KH; u++) {
@@ -106,10 +106,10 @@ static inline float softmax_max_row(const prefill_args *a, workspace *w, int r, 
         _mm512_storeu_ps(&w->s[r][16 * u], v);
         xm = _mm512_max_ps(xm, v);
     }
-    return _mm512_reduce_max_ps(xm);
+    return xm;                                /* the max is over its lanes */
 }
 
-static inline float softmax_exp_row(workspace *w, int r, float m) {
+static inline __m512 softmax_exp_row_v(workspace *w, int r, float m) {
     __m512 p[KH], ps = _mm512_setzero_ps();
     for (int u = 0; u < KH; u++) {
         const __m512 x = _mm512_loadu_ps(&w->s[r][16 * u]);
@@ -119,20 +119,20 @@ static inline float softmax_exp_row(workspace *w, int r, float m) {
     }
     for (int u = 0; u < KH; u += 2)           /* [p[u] (16), p[u + 1] (16)] as 32 bf16 */
         _mm512_storeu_si512(&w->pp[r][8 * u], (__m512i)_mm512_cvtne2ps_pbh(p[u + 1], p[u]));
-    return _mm512_reduce_add_ps(ps);
+    return ps;                                /* the sum is over its lanes */
 }
 
 /* The same two passes for a tile that needs no mask, soft-cap or ALiBi, with a positive scale: pass 1
  * takes the max of the raw scores (the max of the scaled scores is the scale times it, exactly: rounding
  * is monotonic) and writes nothing back; pass 2 folds the scale into the exponent, 2^(x scale log2 e -
  * m log2 e). Per 16 scores, 14 vector instructions where the general passes take 21. */
-static inline float softmax_max_raw(const workspace *w, int r) {
+static inline __m512 softmax_max_raw_v(const workspace *w, int r) {
     __m512 xm = _mm512_loadu_ps(&w->s[r][0]);
     for (int u = 1; u < KH; u++) xm = _mm512_max_ps(xm, _mm512_loadu_ps(&w->s[r][16 * u]));
-    return _mm512_reduce_max_ps(xm);
+    return xm;
 }
 
-static inline float softmax_exp2_row(workspace *w, int r, float m, float scale) {
+static inline __m512 softmax_exp2_row_v(workspace *w, int r, float m, float scale) {
     const __m512 c = _mm512_set1_ps(scale * 1.44269504088896341f), mc = _mm512_set1_ps(m * 1.44269504088896341f);
     __m512 p[KH], ps = _mm512_setzero_ps();
     for (int u = 0; u < KH; u++) {
@@ -141,8 +141,27 @@ static inline float softmax_exp2_row(workspace *w, int r, float m, float scale) 
     }
     for (int u = 0; u < KH; u += 2)
         _mm512_storeu_si512(&w->pp[r][8 * u], (__m512i)_mm512_cvtne2ps_pbh(p[u + 1], p[u]));
-    return _mm512_reduce_add_ps(ps);
+    return ps;
 }
+
+/* 16 rows' lane-wise partials v[0..15] -> one vector whose lane i is row i's max (or sum) over its lanes:
+ * four levels of pairwise shuffles, 45 instructions where 16 separate reductions take about 130 (and
+ * `perf` put a fifth of the tile path's vector samples on those) */
+#define REDUCE16(name, op)                                                                                \
+    static inline __m512 name(const __m512 *v) {                                                        \
+        __m512 a[8], b[4], c[2];                                                                        \
+        for (int k = 0; k < 8; k++)                                                                     \
+            a[k] = op(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1])); \
+        for (int k = 0; k < 4; k++)                                                                     \
+            b[k] = op(_mm512_shuffle_ps(a[2 * k], a[2 * k + 1], 0x44), _mm512_shuffle_ps(a[2 * k], a[2 * k + 1], 0xEE)); \
+        for (int k = 0; k < 2; k++)                                                                     \
+            c[k] = op(_mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0x88),                               \
+                      _mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0xDD));                              \
+        return op(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));     \
+    }
+REDUCE16(reduce16_max, _mm512_max_ps)
+REDUCE16(reduce16_add, _mm512_add_ps)
+#undef REDUCE16
 
 /* The online softmax of row r over the tile's keys j0 .. j0 + n - 1 (scores in w->s[r]): its running max
  * and sum, its probabilities as bf16 pairs (w->pp[r]) and its accumulator rescaled; the lighter passes
@@ -150,11 +169,13 @@ static inline float softmax_exp2_row(workspace *w, int r, float m, float scale) 
 static inline void softmax_row(const prefill_args *a, workspace *w, int r, int j0, int n, int Dv) {
     const int plain = n == KT && !a->alibi && !(a->softcap > 0.f) && a->scale > 0.f &&
                       (!a->causal || w->pos[r] >= j0 + n - 1) && (a->window < 0 || w->pos[r] - a->window <= j0);
-    const float mt = plain ? a->scale * softmax_max_raw(w, r) : softmax_max_row(a, w, r, j0, n, 1);
+    const float mt = plain ? a->scale * _mm512_reduce_max_ps(softmax_max_raw_v(w, r))
+                           : _mm512_reduce_max_ps(softmax_max_row_v(a, w, r, j0, n, 1));
     const float m_new = mt > w->m[r] ? mt : w->m[r];
     if (m_new == -INFINITY) { memset(w->pp[r], 0, sizeof(w->pp[r])); return; }
     const float alpha = expf(w->m[r] - m_new);
-    w->l[r] = w->l[r] * alpha + (plain ? softmax_exp2_row(w, r, m_new, a->scale) : softmax_exp_row(w, r, m_new));
+    w->l[r] = w->l[r] * alpha + _mm512_reduce_add_ps(plain ? softmax_exp2_row_v(w, r, m_new, a->scale)
+                                                           : softmax_exp_row_v(w, r, m_new));
     w->m[r] = m_new;
     if (alpha != 1.f) {
         __m512 va = _mm512_set1_ps(alpha);
@@ -413,18 +434,21 @@ static void amx_item(const prefill_args *a, int b, int h, workspace *w, pack_cac
                                  (a->window >= 0 && w->pos[r0 + rl - 1] - a->window > cur.j0);
                 const int plain = !mask && !a->alibi && !(a->softcap > 0.f) && a->scale > 0.f;
                 float mrow[16] __attribute__((aligned(64))), srow[16] __attribute__((aligned(64)));
+                __m512 part[16];              /* each row's lane-wise max, then sum */
                 for (int i = 0; i < 32; i++) {
                     if (i < 16)
-                        mrow[i] = i >= rl ? -INFINITY
-                                  : plain ? a->scale * softmax_max_raw(w, r0 + i)
-                                          : softmax_max_row(a, w, r0 + i, cur.j0, cur.n, mask);
-                    else if (i - 16 < rl)
-                        srow[i - 16] = plain ? softmax_exp2_row(w, r0 + i - 16, mrow[i - 16], a->scale)
-                                             : softmax_exp_row(w, r0 + i - 16, mrow[i - 16]);
-                    else srow[i - 16] = 0.f;
+                        part[i] = i >= rl ? _mm512_set1_ps(-INFINITY)
+                                  : plain ? softmax_max_raw_v(w, r0 + i)
+                                          : softmax_max_row_v(a, w, r0 + i, cur.j0, cur.n, mask);
+                    else
+                        part[i - 16] = i - 16 >= rl ? _mm512_setzero_ps()
+                                       : plain ? softmax_exp2_row_v(w, r0 + i - 16, mrow[i - 16], a->scale)
+                                               : softmax_exp_row_v(w, r0 + i - 16, mrow[i - 16]);
                     if (i == 15) {            /* the new maxima (0 where a row sees nothing yet), rescales */
                         const __m512 m_old = _mm512_loadu_ps(&w->m[r0]);
-                        const __m512 m_max = _mm512_max_ps(m_old, _mm512_load_ps(mrow));
+                        __m512 m_tile = reduce16_max(part);
+                        if (plain) m_tile = _mm512_mul_ps(m_tile, _mm512_set1_ps(a->scale));
+                        const __m512 m_max = _mm512_max_ps(m_old, m_tile);
                         /* a row's reference max moves only when its max passes it by more than LAZY (FA4's
                          * lazy rescale): the rows' exponentials stay below e^LAZY, and most tiles then
                          * rescale nothing */
@@ -452,7 +476,7 @@ static void amx_item(const prefill_args *a, int b, int h, workspace *w, pack_cac
                         }
                     }
                 }
-                _mm512_storeu_ps(&w->l[r0], _mm512_add_ps(_mm512_loadu_ps(&w->l[r0]), _mm512_load_ps(srow)));
+                _mm512_storeu_ps(&w->l[r0], _mm512_add_ps(_mm512_loadu_ps(&w->l[r0]), reduce16_add(part)));
             }
         }
         prev = cur;
