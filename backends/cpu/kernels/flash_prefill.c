@@ -126,6 +126,10 @@ static inline __m512 softmax_exp_row_v(workspace *w, int r, float m) {
  * takes the max of the raw scores (the max of the scaled scores is the scale times it, exactly: rounding
  * is monotonic) and writes nothing back; pass 2 folds the scale into the exponent, 2^(x scale log2 e -
  * m log2 e). Per 16 scores, 14 vector instructions where the general passes take 21. */
+static inline int softmax_unbiased(const prefill_args *a) {  /* the options let the lighter passes apply */
+    return !a->alibi && !(a->softcap > 0.f) && a->scale > 0.f;
+}
+
 static inline __m512 softmax_max_raw_v(const workspace *w, int r) {
     __m512 xm = _mm512_loadu_ps(&w->s[r][0]);
     for (int u = 1; u < KH; u++) xm = _mm512_max_ps(xm, _mm512_loadu_ps(&w->s[r][16 * u]));
@@ -167,8 +171,8 @@ REDUCE16(reduce16_add, _mm512_add_ps)
  * and sum, its probabilities as bf16 pairs (w->pp[r]) and its accumulator rescaled; the lighter passes
  * where the row sees the whole tile unbiased */
 static inline void softmax_row(const prefill_args *a, workspace *w, int r, int j0, int n, int Dv) {
-    const int plain = n == KT && !a->alibi && !(a->softcap > 0.f) && a->scale > 0.f &&
-                      (!a->causal || w->pos[r] >= j0 + n - 1) && (a->window < 0 || w->pos[r] - a->window <= j0);
+    const int plain = softmax_unbiased(a) && n == KT && (!a->causal || w->pos[r] >= j0 + n - 1) &&
+                      (a->window < 0 || w->pos[r] - a->window <= j0);
     const float mt = plain ? a->scale * _mm512_reduce_max_ps(softmax_max_raw_v(w, r))
                            : _mm512_reduce_max_ps(softmax_max_row_v(a, w, r, j0, n, 1));
     const float m_new = mt > w->m[r] ? mt : w->m[r];
@@ -432,7 +436,7 @@ static void amx_item(const prefill_args *a, int b, int h, workspace *w, pack_cac
                 const int r0 = 16 * (g0 + gg), rl = R - r0 < 16 ? R - r0 : 16;
                 const int mask = cur.n < KT || (a->causal && w->pos[r0] < cur.j0 + cur.n - 1) ||
                                  (a->window >= 0 && w->pos[r0 + rl - 1] - a->window > cur.j0);
-                const int plain = !mask && !a->alibi && !(a->softcap > 0.f) && a->scale > 0.f;
+                const int plain = !mask && softmax_unbiased(a);
                 float mrow[16] __attribute__((aligned(64))), srow[16] __attribute__((aligned(64)));
                 __m512 part[16];              /* each row's lane-wise max, then sum */
                 for (int i = 0; i < 32; i++) {
