@@ -315,6 +315,44 @@ def test_native_decode_of_quantized_rows_matches_torch_and_reference(monkeypatch
     assert (results["native"].double() - results["torch"].double()).abs().max() < 3e-2
 
 
+def _denormals_survive() -> bool:
+    """Whether fp32 arithmetic in this thread still gives denormals (no FTZ left set)."""
+    return (torch.tensor([1e-38], dtype=torch.float32) / 8).item() > 0
+
+
+@pytest.mark.parametrize("kind", ["auto", "int8", "fp8_e4m3", "prefill"])
+def test_scores_spread_past_fp32_range_stay_exact_and_leave_the_callers_fp_mode(kind: str) -> None:
+    """Scores 200 apart give softmax weights far below fp32's normal range (the native kernels flush
+    them to zero, FTZ/DAZ, for the call's duration: denormal steps take microcode assists on Intel).
+    Out and LSE still match the reference, and the calling thread gets its own MXCSR back."""
+    torch.set_flush_denormal(False)  # whatever ran before in this thread
+    if not _denormals_survive():
+        pytest.skip("this CPU flushes denormals in this thread regardless")
+    g = torch.Generator().manual_seed(5)
+    bs, hkv, d, n = 16, 2, 64, 200
+    k = torch.randn(n, hkv, d, generator=g) * 0.1
+    k[:, :, 0] = torch.linspace(-30.0, 30.0, n)[torch.randperm(n, generator=g)].unsqueeze(1)  # scores +-106
+    v = torch.randn(n, hkv, d, generator=g)
+    q_lens = [1] if kind != "prefill" else [40]
+    q = torch.randn(sum(q_lens), 4, d, generator=g) * 0.1
+    q[:, :, 0] = 28.0
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    nb = -(-n // bs)
+    cache = hal.KVCache(hal.KVCacheSpec(1, hkv, d, block_size=bs, dtype="bf16",
+                                        kv_dtype="auto" if kind == "prefill" else kind), nb)
+    table = torch.randperm(nb, generator=g).to(torch.int32).view(1, nb)
+    slots = (table[0].long().repeat_interleave(bs) * bs + torch.arange(nb * bs) % bs)[:n]
+    cache.write(0, k, v, slots)
+    cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    plan = hal.plan(cu, torch.tensor([n], dtype=torch.int32), table, cache)
+    out, lse = hal.paged_attention(q, cache, 0, plan, return_lse=True)
+    kc, vc = cache.read(0, range(nb), dtype="fp64")
+    want, want_lse = paged_attention_reference(q, kc, vc, cu, [n], table)
+    assert (out.double() - want).abs().max() < 3e-2
+    assert (lse.double() - want_lse).abs().max() < 1e-3
+    assert _denormals_survive(), "a native kernel left FTZ/DAZ set in the calling thread"
+
+
 @pytest.mark.parametrize("kv_dtype", ["int8", "int6", "int4", "fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("d", [96, 64, 160])
 def test_quantized_decode_on_head_dims_either_path_takes(kv_dtype: str, d: int) -> None:

@@ -641,6 +641,7 @@ int hal_flash_prefill(const prefill_args *a, int num_threads) {
     #pragma omp parallel num_threads(num_threads)
 #endif
     {
+        const unsigned int csr = hal_ftz_enter();
         workspace *w = (workspace *)aligned_alloc(64, (sizeof(workspace) + 63) / 64 * 64);
         pack_cache pc = {NULL, NULL, tile_dw, vs};
         if (cache) {
@@ -670,6 +671,7 @@ int hal_flash_prefill(const prefill_args *a, int num_threads) {
         free(pc.buf);
         free(pc.done);
         free(w);
+        hal_ftz_leave(csr);
     }
     free(plan);
     return 0;

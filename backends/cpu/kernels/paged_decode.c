@@ -2159,6 +2159,7 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
         #pragma omp parallel num_threads(num_threads)
 #endif
         {
+            const unsigned int csr = hal_ftz_enter();
             float *ws = (float *)aligned_alloc(64, bytes);
             /* dynamic schedule, each thread claiming its next item as its current one starts its last
              * tile, whose prefetch then covers the next one's first (item_claim) */
@@ -2184,6 +2185,7 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
                 const int R = (a->cu_q[b + 1] - a->cu_q[b]) * G;
                 merge_splits(a, b, g * hpg, (g + 1) * hpg, ns, partials + poff[b] + (int64_t)g * ns * hpg * R * (a->Dv + 2));
             }
+            hal_ftz_leave(csr);
         }
         free(partials); free(first); free(poff);
         return 0;
@@ -2196,6 +2198,7 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
     #pragma omp parallel num_threads(num_threads)
 #endif
     {
+        const unsigned int csr = hal_ftz_enter();
         float *ws = (float *)aligned_alloc(64, ((ws_floats * sizeof(float)) + 63) / 64 * 64);
 #ifdef _OPENMP
         #pragma omp for schedule(dynamic, 1)
@@ -2205,6 +2208,7 @@ int hal_paged_decode(const decode_args *a, int num_threads) {
             if (a->active[b] && a->cu_q[b + 1] > a->cu_q[b]) decode_item(a, b, h, ws);
         }
         free(ws);
+        hal_ftz_leave(csr);
     }
     return 0;
 }
