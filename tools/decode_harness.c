@@ -8,13 +8,18 @@
  * FORMAT: bf16, int8, fp8_e4m3, fp8_e5m2, int6, int4 (rows as hal/kv_formats.py lays them out). The
  * values are a fixed pattern, or with `random` normal values as a model's (bf16, int8, fp8_e4m3): the
  * running max then moves as in real decoding, which costs the softmax its rescales; the timing hardly
- * depends on it (int8 B1 x 4096 in cache, 2 threads: 0.270 against 0.267 ms per layer). Pages are permuted as in hal bench,
+ * depends on it (int8 B1 x 4096 in cache, 2 threads: 0.270 against 0.267 ms per layer, Zen 4). The
+ * pattern's int8 row scales span 2^-24 .. 1, so its scores spread far enough for weights below fp32's
+ * normal range: on the Intel AMX VM that cost int8 1.4-2x until the kernels flushed denormals (see
+ * hal_ftz_enter in simd.h). Pages are permuted as in hal bench,
  * and the rows sit on 2 MiB pages where Linux allows, as hal's cpu cache does (hal/hostmem.py);
  * each layer has its own K and V buffers, so LAYERS sets the working set (keep it well above the
  * last-level cache to measure memory, below it to measure compute). Prints the best of REPS passes
  * over the layers (and their median: hal bench reports medians), then the read bandwidth of a plain
  * pass over the same buffers. Compare builds by
- * alternating them in balanced order (A B B A): this VM drifts by 5-10% between minutes.
+ * alternating them in balanced order (A B B A): this VM drifts by 5-10% between minutes. With OUTF=FILE
+ * in the environment it writes the last call's output (B x Hq x Dv model-dtype values) to FILE, to
+ * check that a change leaves the results byte-identical (cmp).
  */
 #define _GNU_SOURCE
 #include "paged_decode.c"
@@ -131,6 +136,11 @@ int main(int argc, char **argv) {
            mla ? "mla" : "gqa", argv[6], B, S, threads, times[0] * 1e3, comps * (double)layer_bytes / times[0] / 1e9,
            reps, times[reps / 2] * 1e3);
     free(times);
+    if (getenv("OUTF")) {                    /* the last call's output, for cmp between builds */
+        FILE *f = fopen(getenv("OUTF"), "wb");
+        if (!f || fwrite(out, 2, (size_t)B * Hq * Dv, f) != (size_t)B * Hq * Dv) { fprintf(stderr, "cannot write OUTF\n"); return 1; }
+        fclose(f);
+    }
     double best = 1e30;
     for (int r = 0; r < 3; r++) {  /* a plain read of the same buffers */
         const double t0 = now_s();
