@@ -102,6 +102,32 @@ def test_mla_attention_is_batch_invariant_and_lse_merges() -> None:
     assert (o - full).abs().max() < 1e-5 and (l - lse).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_mla_decode_step_joins_the_query_parts_in_the_kernel(dtype: str) -> None:
+    """A decode step (every sequence on the native kernel) passes q_latent and q_rope to the kernel as
+    they are, which joins each head's row: the result is bitwise the kernel's on the rows joined by
+    torch.cat, with views that are not contiguous as well, and matches the reference."""
+    from hal.backend import AttentionParams
+    from hal.backends.cpu.attention import paged_attention
+    from hal.backends.cpu.kernels import paged_decode as native_decode
+
+    seqs = [(1, 37), (3, 70), (2, 5), (1, 64)]
+    cache, plan, ql, qr, cu, table = _latent_setup(seqs, dtype=dtype, heads=4, r=64, p=16, bs=16)
+    joined = torch.cat([ql, qr], dim=-1)
+    p = AttentionParams(scale=0.13, causal=True)
+    assert native_decode.launch(cache.storage, plan, ql, p, True, q2=qr) is not None  # the kernel's path
+    want, want_lse = paged_attention(joined, cache.storage, 1, plan, p, True)
+    out, lse = hal.mla_attention(ql, qr, cache, 1, plan, scale=0.13, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    wide = torch.cat([qr, ql, qr], dim=-1)  # views whose rows are not contiguous
+    ql_v, qr_v = wide[..., 16:80], wide[..., 80:]
+    assert not ql_v.is_contiguous() and not qr_v.is_contiguous()
+    assert torch.equal(hal.mla_attention(ql_v, qr_v, cache, 1, plan, scale=0.13), want)
+    g_out, g_lse = _reference(cache, cu, seqs, table, ql, qr, 0.13)
+    assert (out.double() - g_out).abs().max() < (3e-2 if dtype == "bf16" else 2e-5)
+    assert (lse.double() - g_lse).abs().max() < 2e-3
+
+
 def test_mla_reference_equals_paged_mqa_reference() -> None:
     """The MLA reference is MQA over [c_kv; k_pe] with value c_kv (the identity the cpu kernel uses)."""
     cache, _, ql, qr, cu, table = _latent_setup(MIXED, bs=16)

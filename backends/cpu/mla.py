@@ -12,10 +12,14 @@ per query tile and scored against all H heads of all the tile's queries in one m
 step therefore reads every cached token once per layer, ``R + P`` values, whatever H is; never once
 per head. The value is a view of the fetched row, not a second read. Scores, softmax and
 accumulation are fp32; the output is the attention-weighted latent ``[T, H, R]`` in q's dtype.
+A decode step (every sequence on the native decode kernel, ``kernels/paged_decode.c``) hands it
+q_latent and q_rope as they are, and the kernel joins each head's two parts; other batches join them
+with ``torch.cat`` first.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -32,8 +36,18 @@ from .kv_cache import CpuKVStorage
 def mla_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, cache: CpuKVStorage, layer: int, plan: Plan,
                   scale: float, causal: bool, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q_latent [T, H, R], q_rope [T, H, P] over the latent cache -> out [T, H, R], lse [T, H] fp32."""
+    p = _params(scale, causal)
+    launch = native_decode.launch(cache, plan, q_latent, p, return_lse, q2=q_rope)
+    if launch is not None:  # a decode step on the native kernel, which joins each head's two query parts
+        return launch(q_latent, cache, layer, q_rope)
     q = torch.cat([q_latent, q_rope], dim=-1)  # [T, H, R + P]: one query row per head against [c_kv; k_pe]
-    return paged_attention(q, cache, layer, plan, AttentionParams(scale=scale, causal=causal), return_lse)
+    return paged_attention(q, cache, layer, plan, p, return_lse)
+
+
+@functools.lru_cache(maxsize=64)
+def _params(scale: float, causal: bool) -> AttentionParams:
+    """The options of an MLA call, one object per (scale, causal): every layer's call asks."""
+    return AttentionParams(scale=scale, causal=causal)
 
 
 @contextmanager

@@ -49,6 +49,7 @@ class _Args(ctypes.Structure):
         ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
         ("causal", ctypes.c_int), ("window", ctypes.c_int), ("rows_read", ctypes.c_void_p),
         ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p),
+        ("q2", ctypes.c_void_p), ("d2", ctypes.c_int),
     ]
 
 
@@ -156,9 +157,10 @@ def _layout(storage: object) -> tuple[int, ...]:
 
 
 def _template(storage: object, plan: Plan, q: torch.Tensor, p: AttentionParams, active: Sequence[bool],
-              alibi: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> _Args:
+              alibi: torch.Tensor | None = None, sinks: torch.Tensor | None = None, d2: int = 0) -> _Args:
     """The kernel's arguments but the per-call addresses :func:`_run` sets. ``alibi`` and ``sinks``: p's
-    tensors made contiguous, which the caller keeps alive through the call."""
+    tensors made contiguous, which the caller keeps alive through the call. ``d2``: the width of a second
+    query tensor whose rows the kernel appends to q's (MLA's q_rope), or 0."""
     _, _, _, _, hkv, dv, k_width, v_width, _, _, _, _ = _layout(storage)
     fmt = _row_format(storage.spec, q)  # type: ignore[attr-defined]
     table = plan.block_table_host
@@ -166,17 +168,18 @@ def _template(storage: object, plan: Plan, q: torch.Tensor, p: AttentionParams, 
     return _Args(
         block_table=table.data_ptr(), seq_lens=seq_lens.data_ptr(), cu_q=cu_q.data_ptr(), active=act.data_ptr(),
         alibi=_ptr(alibi), sinks=_ptr(sinks),
-        bt_stride=table.shape[1], B=plan.num_seqs, Hq=q.shape[1], Hkv=hkv, D=q.shape[2], Dv=dv, bs=plan.block_size,
+        bt_stride=table.shape[1], B=plan.num_seqs, Hq=q.shape[1], Hkv=hkv, D=q.shape[2] + d2, Dv=dv, bs=plan.block_size,
         dtype=_FMT[q.dtype], kfmt=fmt, vfmt=fmt, k_width=k_width, v_width=v_width,
         scale=p.scale, softcap=p.softcap or 0.0, causal=int(p.causal),
-        window=-1 if p.window_left is None else p.window_left)
+        window=-1 if p.window_left is None else p.window_left, d2=d2)
 
 
 def _run(lib: ctypes.CDLL, args: _Args, storage: object, layer: int, q: torch.Tensor, out: torch.Tensor,
-         lse: torch.Tensor | None) -> None:
-    """Sets the per-call addresses of ``args`` (q, out, lse, the layer's rows and scales) and calls the kernel."""
+         lse: torch.Tensor | None, q2: torch.Tensor | None = None) -> None:
+    """Sets the per-call addresses of ``args`` (q and q2, out, lse, the layer's rows and scales) and calls
+    the kernel."""
     k_base, k_layer, v_base, v_layer, _, _, _, _, ks_base, ks_layer, vs_base, vs_layer = _layout(storage)
-    args.q, args.out, args.lse = q.data_ptr(), out.data_ptr(), _ptr(lse)
+    args.q, args.out, args.lse, args.q2 = q.data_ptr(), out.data_ptr(), _ptr(lse), _ptr(q2)
     args.k, args.v = k_base + layer * k_layer, v_base + layer * v_layer
     if ks_base:
         args.k_scale, args.v_scale = ks_base + layer * ks_layer, vs_base + layer * vs_layer
@@ -208,23 +211,30 @@ class Launch:
         self.owner = weakref.ref(storage)
         self.lib, self.template, self.out_shape, self.with_lse = lib, bytes(template), out_shape, with_lse
 
-    def __call__(self, q: torch.Tensor, storage: object, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, q: torch.Tensor, storage: object, layer: int,
+                 q2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         q = q.contiguous()
+        if q2 is not None:
+            q2 = q2.contiguous()
         out = torch.empty(*self.out_shape, dtype=q.dtype)  # unpacked: half the cost of passing the tuple
         lse = torch.empty(*self.out_shape[:2], dtype=torch.float32) if self.with_lse else None
-        _run(self.lib, _Args.from_buffer_copy(self.template), storage, layer, q, out, lse)
+        _run(self.lib, _Args.from_buffer_copy(self.template), storage, layer, q, out, lse, q2)
         return out, lse
 
 
-def launch(storage: object, plan: Plan, q: torch.Tensor, p: AttentionParams, return_lse: bool) -> Launch | None:
+def launch(storage: object, plan: Plan, q: torch.Tensor, p: AttentionParams, return_lse: bool,
+           q2: torch.Tensor | None = None) -> Launch | None:
     """The prepared call when the kernel computes every sequence of ``plan`` with these options (a decode
     step), or None (some sequence runs elsewhere, ALiBi or sinks tensors, or no kernel). Kept per plan;
     a hit still checks that the cache is the same object, and the key holds ``applies`` itself and the
-    kernels' generation, so patching the rule or reloading the kernels is never served a stale call."""
+    kernels' generation, so patching the rule or reloading the kernels is never served a stale call.
+    ``q2`` (MLA's q_rope, q's dtype): each query row's last values, which the kernel appends to q's; the
+    call then takes it beside q."""
     if p.alibi_slopes is not None or p.sinks is not None:
         return None
     got = _plan_cache(plan)
-    key = ("launch", id(storage), q.shape, q.dtype, p.scale, p.softcap, p.causal, p.window_left, return_lse,
+    d2 = 0 if q2 is None else q2.shape[-1]
+    key = ("launch", id(storage), q.shape, q.dtype, d2, p.scale, p.softcap, p.causal, p.window_left, return_lse,
            applies, kernels_generation())
     hit = got.get(key)
     if hit is not None and hit.owner() is storage:
@@ -234,7 +244,7 @@ def launch(storage: object, plan: Plan, q: torch.Tensor, p: AttentionParams, ret
         active = eligible(plan, q.shape[1] // storage.num_heads)  # type: ignore[attr-defined]
         if all(active):
             spec = storage.spec  # type: ignore[attr-defined]
-            made = Launch(storage, _library(spec), _template(storage, plan, q, p, active),  # type: ignore[arg-type]
+            made = Launch(storage, _library(spec), _template(storage, plan, q, p, active, d2=d2),  # type: ignore[arg-type]
                           (q.shape[0], q.shape[1], spec.v_head_dim), return_lse)
     got[key] = made
     return made if made.lib is not None else None
