@@ -115,7 +115,10 @@ def test_mla_decode_step_joins_the_query_parts_in_the_kernel(dtype: str) -> None
     cache, plan, ql, qr, cu, table = _latent_setup(seqs, dtype=dtype, heads=4, r=64, p=16, bs=16)
     joined = torch.cat([ql, qr], dim=-1)
     p = AttentionParams(scale=0.13, causal=True)
-    assert native_decode.launch(cache.storage, plan, ql, p, True, q2=qr) is not None  # the kernel's path
+    launch = native_decode.launch(cache.storage, plan, ql, p, True, q2=qr)
+    assert launch is not None  # the kernel's path
+    with pytest.raises(AssertionError, match="q2 and d2 disagree"):
+        launch(ql, cache.storage, 1)  # a call prepared for two query parts, given one: refused, not misread
     want, want_lse = paged_attention(joined, cache.storage, 1, plan, p, True)
     out, lse = hal.mla_attention(ql, qr, cache, 1, plan, scale=0.13, return_lse=True)
     assert torch.equal(out, want) and torch.equal(lse, want_lse)

@@ -2108,12 +2108,13 @@ int hal_amx_state(void) {
 #endif
 }
 
-/* Computes the active sequences; returns 0, or 1 (and computes nothing) when an active sequence has more
- * than MAX_ROWS rows or a head dim exceeds MAX_DIM: the caller must not mark such sequences active. */
 static int paged_decode_joined(const decode_args *a, int num_threads);
 
+/* Computes the active sequences; returns 0, or 1 (and computes nothing) when an active sequence has more
+ * than MAX_ROWS rows or a head dim exceeds MAX_DIM (the caller must not mark such sequences active), or
+ * when q2 and d2 disagree (one given without the other). */
 int hal_paged_decode(const decode_args *a, int num_threads) {
-    if (!a->q2) return paged_decode_joined(a, num_threads);
+    if (!a->q2) return a->d2 ? 1 : paged_decode_joined(a, num_threads);
     /* the query rows joined: [T, Hq, D - d2] and [T, Hq, d2] -> [T, Hq, D] (MLA: q_latent, q_rope). A
      * copy of T x Hq x D values here instead of torch.cat in the caller: hal.mla_attention at 1 x 64
      * tokens (DeepSeek-V2-Lite, in cache), 4 alternated rounds: 51-57 -> 39-53 us a call */

@@ -185,7 +185,7 @@ def _run(lib: ctypes.CDLL, args: _Args, storage: object, layer: int, q: torch.Te
         args.k_scale, args.v_scale = ks_base + layer * ks_layer, vs_base + layer * vs_layer
     args.rows_read = _ptr(_counters[-1]) if _counters else None
     rc = lib.hal_paged_decode(ctypes.byref(args), ctypes.c_int(torch.get_num_threads()))
-    assert rc == 0, "paged_decode.c refused sequences that eligible() accepted"
+    assert rc == 0, "paged_decode.c refused the call: sequences that eligible() accepted, or q2 and d2 disagree"
 
 
 def paged_decode(q: torch.Tensor, storage: object, layer: int, plan: Plan, p: AttentionParams,
