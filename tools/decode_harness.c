@@ -19,7 +19,8 @@
  * pass over the same buffers. Compare builds by
  * alternating them in balanced order (A B B A): this VM drifts by 5-10% between minutes. With OUTF=FILE
  * in the environment it writes the last call's output (B x Hq x Dv model-dtype values) to FILE, to
- * check that a change leaves the results byte-identical (cmp).
+ * check that a change leaves the results byte-identical (cmp). With PROBE=1 it prints every pass's time
+ * beside each thread's tile-product time just before and after it (see tile_probe).
  */
 #define _GNU_SOURCE
 #include "paged_decode.c"
@@ -32,6 +33,30 @@ static double now_s(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* PROBE=1: each thread's ns per tile product (4,000 TDPBF16PS on zeroed tiles, about 30-70 us) into
+ * ns[t], just before and after every pass; where the tile unit's rate moves between minutes (the AMX
+ * VM's two rates, docs/speed-notes.md, twelfth round) it shows which passes ran at which. Pin the
+ * threads (taskset for one, OMP_PROC_BIND=true for more) so that a thread probes the CPU it computes
+ * on. Zeros without AMX. */
+static void tile_probe(int threads, double *ns) {
+    for (int i = 0; i < threads && i < 64; i++) ns[i] = 0.0;
+#if HAL_FAST && HAL_AMX_NATIVE && defined(_OPENMP)
+    if (amx_grant() != AMX_NATIVE) return;
+    #pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num();
+        amx_configure();
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
+        const double t0 = omp_get_wtime();
+        for (int i = 0; i < 1000; i++) {
+            _tile_dpbf16ps(0, 4, 5); _tile_dpbf16ps(1, 4, 6); _tile_dpbf16ps(2, 4, 7); _tile_dpbf16ps(3, 5, 6);
+        }
+        if (t < 64) ns[t] = (omp_get_wtime() - t0) / 4000.0 * 1e9;
+    }
+#endif
 }
 
 static int parse_format(const char *s) {
@@ -120,7 +145,10 @@ int main(int argc, char **argv) {
     a.dtype = FMT_BF16; a.kfmt = a.vfmt = fmt; a.k_width = a.v_width = width;
     a.scale = 1.f / sqrtf((float)D); a.causal = 1; a.window = -1; a.k_scale = a.v_scale = scales;
     double *times = malloc(sizeof(double) * (size_t)reps);  /* sorted: the best first, the median */
+    const int probe = getenv("PROBE") != NULL;
     for (int r = 0; r < reps; r++) {
+        double before[64], after[64];
+        if (probe) tile_probe(threads, before);
         const double t0 = now_s();
         for (int l = 0; l < L; l++) {
             a.k = rows[l * comps];
@@ -128,6 +156,12 @@ int main(int argc, char **argv) {
             if (hal_paged_decode(&a, threads)) { fprintf(stderr, "the kernel refused the call\n"); return 1; }
         }
         const double t = (now_s() - t0) / L;
+        if (probe) {
+            tile_probe(threads, after);
+            printf("pass %d: %.3f ms/layer; tile product ns per thread before, after:", r, t * 1e3);
+            for (int i = 0; i < threads && i < 64; i++) printf(" %.1f,%.1f", before[i], after[i]);
+            printf("\n");
+        }
         int j = r;                           /* insertion sort */
         for (; j > 0 && times[j - 1] > t; j--) times[j] = times[j - 1];
         times[j] = t;
