@@ -403,6 +403,33 @@ def test_decode_harness_builds_and_times_the_kernel(tmp_path: Path) -> None:
             assert res.returncode == 0 and "AMX tiles: emulated\n" in res.stdout, res.stdout + res.stderr
 
 
+def test_decode_harness_times_two_builds_in_turn(tmp_path: Path) -> None:
+    # tools/decode_harness.c -DHAL_AB: build A and a renamed build B, every pass timing both
+    import shutil
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("needs a C compiler")
+    root = Path(__file__).resolve().parents[1]
+    kdir = root / "backends" / "cpu" / "kernels"
+    common = ["-O2", "-march=native", "-std=c11", "-fopenmp", "-I", str(kdir)]
+    rename = ["-Dhal_paged_decode=hal_ab_paged_decode", "-Dhal_decode_supports=hal_ab_decode_supports",
+              "-Dhal_amx_state=hal_ab_amx_state"]
+    obj, exe = tmp_path / "b.o", tmp_path / "ab"
+    for cmd in ([cc, *common, *rename, "-c", str(kdir / "paged_decode.c"), "-o", str(obj)],
+                [cc, *common, "-DHAL_AB", str(root / "tools" / "decode_harness.c"), str(obj), "-o", str(exe), "-lm"]):
+        build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert build.returncode == 0, build.stderr
+    res = subprocess.run([str(exe), "gqa", "2", "64", "1", "1", "bf16", "4"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    m = re.match(r"gqa bf16 B2 S64, 1 threads, ms/layer: A median ([0-9.]+) best ([0-9.]+) \| B median ([0-9.]+) "
+                 r"best ([0-9.]+) \| B/A median ([0-9.]+) \(quartiles ([0-9.]+), ([0-9.]+)\) over 4 passes$",
+                 res.stdout.strip())
+    assert m, res.stdout
+    a_med, a_best, b_med, b_best, ratio, q1, q3 = map(float, m.groups())
+    assert 0 < a_best <= a_med and 0 < b_best <= b_med and 0 < q1 <= ratio <= q3
+
+
 def test_hot_spills_lists_a_functions_vector_stack_traffic(tmp_path: Path) -> None:
     # tools/hot_spills.sh: the speed notes' eighth round (vectors gcc left in memory inside hot loops)
     import shutil

@@ -21,9 +21,25 @@
  * in the environment it writes the last call's output (B x Hq x Dv model-dtype values) to FILE, to
  * check that a change leaves the results byte-identical (cmp). With PROBE=1 it prints every pass's time
  * beside each thread's tile-product time just before and after it (see tile_probe).
+ *
+ * A/B in one process: on a VM whose speed moves by 2x within a minute, two builds timed in turn by
+ * separate runs can disagree by more than a change is worth. Built with -DHAL_AB and linked with a
+ * second build of the kernel whose entry points are renamed, every pass runs both (the order swapped
+ * every other pass) and the last line gives each one's median and best, and the median and quartiles of
+ * the passes' B/A time ratios:
+ *   gcc -O3 -march=native -fopenmp -std=c11 -DMY_CHANGE -Dhal_paged_decode=hal_ab_paged_decode \
+ *       -Dhal_decode_supports=hal_ab_decode_supports -Dhal_amx_state=hal_ab_amx_state \
+ *       -I backends/cpu/kernels -c backends/cpu/kernels/paged_decode.c -o /tmp/b.o
+ *   gcc -O3 -march=native -fopenmp -std=c11 -DHAL_AB -I backends/cpu/kernels tools/decode_harness.c /tmp/b.o -o /tmp/ab -lm
+ *   /tmp/ab gqa 8 4096 40 2 fp8_e4m3 10
+ * (A is the build in backends/cpu/kernels; B the object, from the same file with its change switched on
+ * by a macro, or from a copy of the directory.)
  */
 #define _GNU_SOURCE
 #include "paged_decode.c"
+#ifdef HAL_AB
+int hal_ab_paged_decode(const decode_args *a, int num_threads);  /* build B (see the header) */
+#endif
 
 #include <stdio.h>
 #include <sys/mman.h>
@@ -88,6 +104,13 @@ static void fill_random(uint8_t *buf, size_t bytes, int64_t width, int D, int fm
     }
 }
 
+#ifdef HAL_AB
+static int cmp_double(const void *x, const void *y) {
+    const double a = *(const double *)x, b = *(const double *)y;
+    return (a > b) - (a < b);
+}
+#endif
+
 int main(int argc, char **argv) {
     if (argc < 8) {
         fprintf(stderr, "usage: %s [gqa|mla] BATCH CONTEXT LAYERS THREADS FORMAT REPS [random]\n", argv[0]);
@@ -145,6 +168,38 @@ int main(int argc, char **argv) {
     a.dtype = FMT_BF16; a.kfmt = a.vfmt = fmt; a.k_width = a.v_width = width;
     a.scale = 1.f / sqrtf((float)D); a.causal = 1; a.window = -1; a.k_scale = a.v_scale = scales;
     double *times = malloc(sizeof(double) * (size_t)reps);  /* sorted: the best first, the median */
+#ifdef HAL_AB
+    {
+        double *tb = malloc(sizeof(double) * (size_t)reps), *ratio = malloc(sizeof(double) * (size_t)reps);
+        for (int r = 0; r < reps; r++) {
+            double t[2];
+            for (int o = 0; o < 2; o++) {
+                const int which = (r & 1) ^ o;  /* A first in even passes, B first in odd ones */
+                const double t0 = now_s();
+                for (int l = 0; l < L; l++) {
+                    a.k = rows[l * comps];
+                    a.v = rows[l * comps + comps - 1];
+                    if ((which ? hal_ab_paged_decode : hal_paged_decode)(&a, threads)) {
+                        fprintf(stderr, "build %c refused the call\n", which ? 'B' : 'A');
+                        return 1;
+                    }
+                }
+                t[which] = (now_s() - t0) / L;
+            }
+            times[r] = t[0];
+            tb[r] = t[1];
+            ratio[r] = t[1] / t[0];
+        }
+        qsort(times, (size_t)reps, sizeof(double), cmp_double);
+        qsort(tb, (size_t)reps, sizeof(double), cmp_double);
+        qsort(ratio, (size_t)reps, sizeof(double), cmp_double);
+        printf("%s %s B%d S%d, %d threads, ms/layer: A median %.3f best %.3f | B median %.3f best %.3f | "
+               "B/A median %.3f (quartiles %.3f, %.3f) over %d passes\n", mla ? "mla" : "gqa", argv[6], B, S, threads,
+               times[reps / 2] * 1e3, times[0] * 1e3, tb[reps / 2] * 1e3, tb[0] * 1e3, ratio[reps / 2], ratio[reps / 4],
+               ratio[3 * reps / 4], reps);
+        return 0;
+    }
+#endif
     const int probe = getenv("PROBE") != NULL;
     for (int r = 0; r < reps; r++) {
         double before[64], after[64];
