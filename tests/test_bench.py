@@ -20,8 +20,8 @@ import pytest
 from hal.bench import TINY, accounting as A
 from hal.bench.build import CACHED, pool_table
 from hal.bench.cases import QUICK, CaseSpec, case_list
-from hal.bench.machine import MachineInfo, last_level_cache
-from hal.bench.runner import BenchReport, ImplResult, _run_case, metrics, paired_ratio, run
+from hal.bench.machine import MachineInfo, core_l2_cache, last_level_cache
+from hal.bench.runner import BenchReport, ImplResult, _run_case, cached_pool_budget, metrics, paired_ratio, run
 
 
 def _hal(*args: str) -> subprocess.CompletedProcess[str]:
@@ -83,6 +83,20 @@ def test_working_set_rule() -> None:
     assert QUICK.working_set(32 * A.MiB) == 256 * A.MiB
     assert QUICK.working_set(300 * A.MiB) == A.GiB  # capped
     assert QUICK.working_set(None) == 256 * A.MiB
+
+
+def test_cached_pool_stays_in_each_cores_l2() -> None:
+    # hal-cached's pool: half of one core's L2 where it is known (a VM's reported L3 may read as memory),
+    # else a quarter of the last-level cache, else no hal-cached at all
+    def machine(l2: int | None, llc: int | None) -> MachineInfo:
+        return MachineInfo(device="x", device_type="cpu", cpu_model="x", cores=2, torch_threads=2, torch_version="x",
+                           llc_bytes=llc, llc_text="", memory_bytes=None, buffer_bytes=0, copy_gbps=1.0, read_gbps=1.0,
+                           matmul_n=0, l2_bytes=l2)
+    assert cached_pool_budget(machine(2 * A.MiB, 300 * A.MiB)) == (A.MiB, "half of each core's L2")
+    assert cached_pool_budget(machine(None, 32 * A.MiB)) == (8 * A.MiB, "a quarter of the last-level cache")
+    assert cached_pool_budget(machine(None, None)) is None
+    l2 = core_l2_cache()  # this machine's, from /sys: a size, or unknown
+    assert l2 is None or A.KiB * 64 <= l2 <= A.GiB
 
 
 def test_metrics_arithmetic() -> None:
@@ -223,8 +237,8 @@ def test_run_in_process_reports_every_case_and_baseline() -> None:
             hal_r = c.impl("hal")  # the median of the rounds' ratios
             assert unq is not None and unq.speedup == pytest.approx(
                 statistics.median(u / unq.layers / (h / hal_r.layers) for u, h in zip(unq.seconds, hal_r.seconds)))
-            cached = c.impl(CACHED)  # the compute alone, where the last-level cache is known
-            assert (cached is not None) == (bb.machine.llc_bytes is not None)
+            cached = c.impl(CACHED)  # the compute alone, where the core's L2 or the last-level cache is known
+            assert (cached is not None) == (bb.machine.l2_bytes is not None or bb.machine.llc_bytes is not None)
             if cached is not None:
                 assert names.index(CACHED) == 2 and cached.bytes == hal_r.bytes  # as many bytes as hal's call
                 assert c.gain_ceiling == pytest.approx(statistics.median(

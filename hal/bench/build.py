@@ -6,9 +6,10 @@ random permutation of its blocks, every layer written through ``KVCache.write`` 
 their own copy of every layer in the model dtype; the gather baseline reads the same cache as hal.
 All inputs come from a generator seeded by the case's name.
 
-A quantized decode case on a cpu with a known last-level cache also times ``hal-cached``: the same
-call (batch, context, plan shape) on a one-layer cache whose block table draws every page from a
-pool of blocks small enough to stay in that cache, as sequences that share a prefix do. Its rows
+A quantized decode case on a cpu whose caches are known also times ``hal-cached``: the same call
+(batch, context, plan shape) on a one-layer cache whose block table draws every page from a pool of
+blocks small enough to stay in each core's cache (``hal.bench.runner.cached_pool_budget``), as
+sequences that share a prefix do. Its rows
 hardly ever come from memory, so its time is what hal's compute alone costs for the case: a floor
 under hal's time, and so a ceiling on what the format can gain over hal-<dtype> at the memory
 speed of the moment (``hal.bench.runner`` reports it as the case's ``gain_ceiling``).
@@ -32,7 +33,7 @@ from hal.dtypes import DTYPES
 
 __all__ = ["Impl", "Setup", "build", "CACHED", "pool_table"]
 
-CACHED = "hal-cached"  # hal's compute alone: its rows in the last-level cache (quantized decode, cpu)
+CACHED = "hal-cached"  # hal's compute alone: its rows in each core's cache (quantized decode, cpu)
 
 
 @dataclass
@@ -126,7 +127,7 @@ def pool_table(batch: int, need: int, pool: int, gen: torch.Generator) -> torch.
 
 
 def _cached_impl(c: CaseSpec, backend: Any, device: torch.device, gen: torch.Generator, k: torch.Tensor,
-                 v: torch.Tensor, q: torch.Tensor, budget: int) -> tuple[Impl, str]:
+                 v: torch.Tensor, q: torch.Tensor, budget: tuple[int, str]) -> tuple[Impl, str]:
     """``hal-cached`` (see the module note) and a note saying what it runs."""
     import hal
 
@@ -134,7 +135,7 @@ def _cached_impl(c: CaseSpec, backend: Any, device: torch.device, gen: torch.Gen
     B, S = c.batch, c.context
     need = -(-S // s.block_size)
     block_bytes = c.stored_bytes_per_layer() // (B * S) * s.block_size
-    pool = max(1, min(B * need, budget // block_bytes))
+    pool = max(1, min(B * need, budget[0] // block_bytes))
     spec = hal.KVCacheSpec(1, s.hkv, s.d, v_head_dim=s.dv, block_size=s.block_size, dtype=c.dtype,
                            kv_dtype=c.kv_dtype)
     small = hal.KVCache(spec, pool, backend=backend, device=device)
@@ -147,7 +148,7 @@ def _cached_impl(c: CaseSpec, backend: Any, device: torch.device, gen: torch.Gen
         return hal.paged_attention(q, small, 0, plan)
 
     note = (f"{CACHED}: hal on the same shapes with every page drawn from {pool} blocks "
-            f"({pool * block_bytes / 2**20:.1f} MiB, in the last-level cache): its compute alone")
+            f"({pool * block_bytes / 2**20:.1f} MiB, {budget[1]}): its compute alone")
     return Impl(_over_layers(one), one, c.stored_bytes_per_layer(), c.flops_per_layer()), note
 
 
@@ -161,7 +162,7 @@ def _plan(cache: Any, table: torch.Tensor, batch: int, context: int) -> tuple[An
 
 
 def _build_decode(c: CaseSpec, backend: Any, device: torch.device, layers: int, gen: torch.Generator,
-                  cache_budget: int | None = None) -> Setup:
+                  cache_budget: tuple[int, str] | None = None) -> Setup:
     import hal
 
     s = LLAMA3_8B
@@ -319,9 +320,9 @@ def _build_mla(c: CaseSpec, backend: Any, device: torch.device, layers: int, gen
 
 
 def build(c: CaseSpec, backend: Any, device: torch.device, layers: int, seed: int = 0,
-          cache_budget: int | None = None) -> Setup:
+          cache_budget: tuple[int, str] | None = None) -> Setup:
     """Allocate and fill what case ``c`` needs on ``backend``; the returned impls are ready to time.
-    ``cache_budget``: bytes of KV that stay in the last-level cache (None: no ``hal-cached``)."""
+    ``cache_budget``: bytes of KV that stay in each core's cache, and where (None: no ``hal-cached``)."""
     gen = torch.Generator().manual_seed(seed)
     if c.kind == "decode":
         return _build_decode(c, backend, device, layers, gen, cache_budget)

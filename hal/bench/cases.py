@@ -212,7 +212,7 @@ BASELINES: dict[str, str] = {
                "memcpy: a copy of as many bytes (at most the probe's buffer), timed in the same rounds: %copy is "
                "against it; hal-<dtype> (quantized cases, e.g. hal-bf16): hal on the same KV in the model dtype, in the "
                "same rounds: its speedup is what the format gains; hal-cached (quantized cases, cpu): the same call with "
-               "every page drawn from a pool of blocks that stays in the last-level cache (as sequences sharing a "
+               "every page drawn from a pool of blocks that stays in each core's cache (as sequences sharing a "
                "prefix): its compute alone, a floor under hal's time; its GB/s is the bandwidth at which memory "
                "would stop being the limit, and hal-<dtype> / hal-cached the most the format can gain now"),
     "prefill": "sdpa: SDPA(is_causal=True, enable_gqa=True) on the same values laid out [1, H, N, D]",

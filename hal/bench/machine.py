@@ -54,6 +54,7 @@ class MachineInfo:
     matmul_n: int
     matmul_tflops: dict[str, float] = field(default_factory=dict)  # "bf16", "fp32": best of N
     huge_pages: str = ""  # cpu: the transparent-huge-page mode (hal.hostmem.status)
+    l2_bytes: int | None = None  # cpu: one core's unified level-2 cache (None: unknown or shared)
     samples: dict[str, list[float]] = field(default_factory=dict)  # every probe's seconds, for the spread
     seconds: float = 0.0
 
@@ -115,6 +116,23 @@ def last_level_cache() -> tuple[int | None, str]:
     except (OSError, subprocess.SubprocessError):
         pass
     return None, "unknown"
+
+
+def core_l2_cache() -> int | None:
+    """Bytes of the unified level-2 cache that serves one CPU alone (cpu0's, from /sys), or None where it is
+    unknown or shared between cores (a thread of a pair of hyperthreads counts as its core)."""
+    for idx in Path("/sys/devices/system/cpu/cpu0/cache").glob("index[0-9]*"):
+        try:
+            level = int((idx / "level").read_text())
+            kind = (idx / "type").read_text().strip()
+            size = _size((idx / "size").read_text())
+            shared = (idx / "shared_cpu_list").read_text().strip()
+            siblings = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if level == 2 and kind == "Unified" and size and shared in ("0", siblings):
+            return size
+    return None
 
 
 def _cgroup_limit() -> int | None:
@@ -205,4 +223,5 @@ def probe_machine(device: torch.device, description: str, *, buffer_bytes: int |
         llc_text=llc_text, memory_bytes=memory_bytes(device), buffer_bytes=size,
         copy_gbps=copy_bytes(size) / min(samples["copy"]) / 1e9, read_gbps=read_bytes(size) / best_read / 1e9,
         matmul_n=matmul_n, matmul_tflops=tflops, huge_pages=hostmem.status() if device.type == "cpu" else "",
-        samples=samples, seconds=time.perf_counter() - t_start)
+        l2_bytes=core_l2_cache() if device.type == "cpu" else None, samples=samples,
+        seconds=time.perf_counter() - t_start)

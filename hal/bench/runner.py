@@ -169,6 +169,22 @@ class Progress:
         print(("\r" + msg.ljust(110)) if self.tty else msg, file=self.stream, flush=True)
 
 
+def cached_pool_budget(machine: MachineInfo) -> tuple[int, str] | None:
+    """Bytes of KV that ``hal-cached``'s pool may hold and stay in cache, and where it stays (None: unknown).
+
+    Half of one core's L2 where it is known: every thread reads the whole pool, and the L2 is the core's
+    own. The last-level cache a VM reports need not be there for it: on the AMX VM (L3 300 MiB by /sys) a
+    pointer chase read 1 MiB at 10 ns a line, 4 MiB at 45 and 8 MiB at 137, as from memory (2026-11-30),
+    so a pool of a quarter of that L3 (64 MiB at B8 x 4096) came from memory and its "compute alone" was
+    not. Otherwise a quarter of the last-level cache, which other cores use too. The pool's first call after
+    the round's other runs reloads it from memory, which can only raise the floor (lower the ceiling)."""
+    if machine.l2_bytes:
+        return machine.l2_bytes // 2, "half of each core's L2"
+    if machine.llc_bytes:
+        return machine.llc_bytes // 4, "a quarter of the last-level cache"
+    return None
+
+
 def round_order(names: list[str], r: int) -> list[str]:
     """The order of round ``r``: as given, but hal and hal-<dtype> (a quantized case's two hal
     measurements, whose ratio is the format's gain) swap places every other round, so that neither
@@ -286,10 +302,7 @@ def _run_case(c: CaseSpec, backend: Any, machine: MachineInfo, sizes: Sizes, ws:
     try:
         progress.stage("building")
         t0 = time.perf_counter()
-        # hal-cached's pool: a quarter of the last-level cache, which other cores (and on a shared VM other
-        # tenants) use too. Its first call after the round's other runs reloads the pool from memory, which
-        # can only make the floor higher than hal's compute, the gain's ceiling lower.
-        budget = machine.llc_bytes // 4 if machine.llc_bytes and device.type == "cpu" else None
+        budget = cached_pool_budget(machine) if device.type == "cpu" else None
         setup = build(c, backend, device, layers, seed=zlib.crc32(c.label.encode()), cache_budget=budget)
         sync()
         res.build_s = time.perf_counter() - t0
