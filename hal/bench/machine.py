@@ -121,13 +121,17 @@ def last_level_cache() -> tuple[int | None, str]:
 def core_l2_cache() -> int | None:
     """Bytes of the unified level-2 cache that serves one CPU alone (cpu0's, from /sys), or None where it is
     unknown or shared between cores (a thread of a pair of hyperthreads counts as its core)."""
-    for idx in Path("/sys/devices/system/cpu/cpu0/cache").glob("index[0-9]*"):
+    cpu0 = Path("/sys/devices/system/cpu/cpu0")
+    try:
+        siblings = (cpu0 / "topology" / "thread_siblings_list").read_text().strip()
+    except OSError:
+        siblings = "0"
+    for idx in (cpu0 / "cache").glob("index[0-9]*"):
         try:
             level = int((idx / "level").read_text())
             kind = (idx / "type").read_text().strip()
             size = _size((idx / "size").read_text())
             shared = (idx / "shared_cpu_list").read_text().strip()
-            siblings = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read_text().strip()
         except (OSError, ValueError):
             continue
         if level == 2 and kind == "Unified" and size and shared in ("0", siblings):
