@@ -323,7 +323,7 @@ def _run_case(c: CaseSpec, backend: Any, machine: MachineInfo, sizes: Sizes, ws:
                 cached = machine.llc_bytes is not None and r.bytes <= machine.llc_bytes
                 res.notes.append(f"{name} cycled {n} of {layers} layers to fit the time budget "
                                  f"({r.bytes / 2**20:.0f} MiB per measurement"
-                                 + (", inside the last-level cache)" if cached else ")"))
+                                 + (", no more than the last-level cache the system reports)" if cached else ")"))
         copy = res.impl(MEMCPY)
         if copy is not None and copy.gbps:  # "% of copy" against the copy measured in the same rounds
             for r in res.impls:
