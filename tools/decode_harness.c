@@ -104,6 +104,18 @@ static void fill_random(uint8_t *buf, size_t bytes, int64_t width, int D, int fm
     }
 }
 
+/* one pass over the layers with kernel `fn`: seconds per layer, or -1 when the kernel refuses a call */
+static double pass_s(int (*fn)(const decode_args *, int), decode_args *a, uint8_t *const *rows, int L, int comps,
+                     int threads) {
+    const double t0 = now_s();
+    for (int l = 0; l < L; l++) {
+        a->k = rows[l * comps];
+        a->v = rows[l * comps + comps - 1];  /* MLA: V is K's rows (comps 1) */
+        if (fn(a, threads)) return -1.0;
+    }
+    return (now_s() - t0) / L;
+}
+
 #ifdef HAL_AB
 static int cmp_double(const void *x, const void *y) {
     const double a = *(const double *)x, b = *(const double *)y;
@@ -175,16 +187,11 @@ int main(int argc, char **argv) {
             double t[2];
             for (int o = 0; o < 2; o++) {
                 const int which = (r & 1) ^ o;  /* A first in even passes, B first in odd ones */
-                const double t0 = now_s();
-                for (int l = 0; l < L; l++) {
-                    a.k = rows[l * comps];
-                    a.v = rows[l * comps + comps - 1];
-                    if ((which ? hal_ab_paged_decode : hal_paged_decode)(&a, threads)) {
-                        fprintf(stderr, "build %c refused the call\n", which ? 'B' : 'A');
-                        return 1;
-                    }
+                t[which] = pass_s(which ? hal_ab_paged_decode : hal_paged_decode, &a, rows, L, comps, threads);
+                if (t[which] < 0) {
+                    fprintf(stderr, "build %c refused the call\n", which ? 'B' : 'A');
+                    return 1;
                 }
-                t[which] = (now_s() - t0) / L;
             }
             times[r] = t[0];
             tb[r] = t[1];
@@ -204,13 +211,8 @@ int main(int argc, char **argv) {
     for (int r = 0; r < reps; r++) {
         double before[64], after[64];
         if (probe) tile_probe(threads, before);
-        const double t0 = now_s();
-        for (int l = 0; l < L; l++) {
-            a.k = rows[l * comps];
-            a.v = rows[l * comps + comps - 1];
-            if (hal_paged_decode(&a, threads)) { fprintf(stderr, "the kernel refused the call\n"); return 1; }
-        }
-        const double t = (now_s() - t0) / L;
+        const double t = pass_s(hal_paged_decode, &a, rows, L, comps, threads);
+        if (t < 0) { fprintf(stderr, "the kernel refused the call\n"); return 1; }
         if (probe) {
             tile_probe(threads, after);
             printf("pass %d: %.3f ms/layer; tile product ns per thread before, after:", r, t * 1e3);
