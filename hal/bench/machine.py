@@ -21,7 +21,7 @@ import platform
 import re
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,17 +86,28 @@ def _size(text: str) -> int | None:
     return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()])
 
 
+def _sys_caches(pattern: str) -> Iterator[tuple[int, str, int | None, str]]:
+    """(level, type, size, shared_cpu_list) of each cache /sys lists under the cpu directories matching
+    ``pattern`` (type "" where /sys does not say); entries whose level, size or sharing it cannot read are
+    left out."""
+    for idx in Path("/sys/devices/system/cpu").glob(pattern):
+        try:
+            level, size = int((idx / "level").read_text()), _size((idx / "size").read_text())
+            shared = (idx / "shared_cpu_list").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        try:
+            kind = (idx / "type").read_text().strip()
+        except OSError:
+            kind = ""
+        yield level, kind, size, shared
+
+
 def last_level_cache() -> tuple[int | None, str]:
     """Total last-level cache in bytes (every instance, e.g. one L3 per CCX) and how it was found."""
     instances: dict[str, int] = {}
     level_found = 0
-    for idx in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cache/index[0-9]*"):
-        try:
-            level = int((idx / "level").read_text())
-            size = _size((idx / "size").read_text())
-            shared = (idx / "shared_cpu_list").read_text().strip()
-        except (OSError, ValueError):
-            continue
+    for level, _kind, size, shared in _sys_caches("cpu[0-9]*/cache/index[0-9]*"):
         if size is None or level < level_found:
             continue
         if level > level_found:
@@ -126,14 +137,7 @@ def core_l2_cache() -> int | None:
         siblings = (cpu0 / "topology" / "thread_siblings_list").read_text().strip()
     except OSError:
         siblings = "0"
-    for idx in (cpu0 / "cache").glob("index[0-9]*"):
-        try:
-            level = int((idx / "level").read_text())
-            kind = (idx / "type").read_text().strip()
-            size = _size((idx / "size").read_text())
-            shared = (idx / "shared_cpu_list").read_text().strip()
-        except (OSError, ValueError):
-            continue
+    for level, kind, size, shared in _sys_caches("cpu0/cache/index[0-9]*"):
         if level == 2 and kind == "Unified" and size and shared in ("0", siblings):
             return size
     return None
