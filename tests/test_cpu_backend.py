@@ -353,6 +353,34 @@ def test_scores_spread_past_fp32_range_stay_exact_and_leave_the_callers_fp_mode(
     assert _denormals_survive(), "a native kernel left FTZ/DAZ set in the calling thread"
 
 
+@pytest.mark.parametrize("kind", ["auto", "int8", "fp8_e4m3", "prefill"])
+def test_scores_of_2_to_the_40_keep_the_max_keys_weight(kind: str) -> None:
+    """Scores near 2^40: the softmax's exponents are taken as (x - m) log2 e, so the largest score's
+    weight is exactly 1 (as x log2 e - m log2 e it was 2^(the rounding of m log2 e): inf or 0 past
+    2^31, NaN out), and the output is the value row of the key with the largest score."""
+    g = torch.Generator().manual_seed(23)
+    bs, hkv, d, n = 16, 2, 64, 150
+    k, v = torch.randn(n, hkv, d, generator=g), torch.randn(n, hkv, d, generator=g)
+    k[:, :, 3] *= 0.1
+    k[torch.randint(0, n, (hkv,), generator=g), torch.arange(hkv), 3] = 3.0  # one key per head stands out
+    q_lens = [1] if kind != "prefill" else [40]
+    q = torch.randn(sum(q_lens), 4 * hkv, d, generator=g) * 0.1
+    q[:, :, 3] = 2.0 ** 40
+    nb = -(-n // bs)
+    cache = hal.KVCache(hal.KVCacheSpec(1, hkv, d, block_size=bs, dtype="bf16",
+                                        kv_dtype="auto" if kind == "prefill" else kind), nb, backend="cpu")
+    table = torch.randperm(nb, generator=g).to(torch.int32).view(1, nb)
+    slots = (table[0].long().repeat_interleave(bs) * bs + torch.arange(nb * bs) % bs)[:n]
+    cache.write(0, k.bfloat16(), v.bfloat16(), slots)
+    cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    plan = hal.plan(cu, torch.tensor([n], dtype=torch.int32), table, cache)
+    out, lse = hal.paged_attention(q.bfloat16(), cache, 0, plan, return_lse=True)
+    kc, vc = cache.read(0, range(nb), dtype="fp64")
+    want, want_lse = paged_attention_reference(q.bfloat16(), kc, vc, cu, [n], table)
+    assert torch.isfinite(out).all() and (out.double() - want).abs().max() < 3e-2
+    assert ((lse.double() - want_lse).abs() / want_lse.abs()).max() < 1e-6
+
+
 @pytest.mark.parametrize("kv_dtype", ["int8", "int6", "int4", "fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("d", [96, 64, 160])
 def test_quantized_decode_on_head_dims_either_path_takes(kv_dtype: str, d: int) -> None:
