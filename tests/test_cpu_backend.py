@@ -315,6 +315,46 @@ def test_native_decode_of_quantized_rows_matches_torch_and_reference(monkeypatch
     assert (results["native"].double() - results["torch"].double()).abs().max() < 3e-2
 
 
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_decode_reads_subnormals_as_themselves_or_zero_and_takes_any_query(kv_dtype: str) -> None:
+    """Attention may read fp8 subnormals as zero (the README's "Decisions the SPEC leaves open": the
+    tile path widens fp8 rows by shifts, and the tile unit reads bf16 subnormals as zero), never as
+    anything else: with every value of V subnormal the output is either the reference's or exactly
+    zero. Queries of 2^64 and more (the shifts' queries are scaled by 2^64) take the exact route;
+    2^60 still the shifts: both match."""
+    g = torch.Generator().manual_seed(11)
+    d, bs, n = 128, 16, 200
+    nb = -(-n // bs)
+    ones = torch.ones(1, 2)
+    cache = hal.KVCache(hal.KVCacheSpec(1, 2, d, block_size=bs, dtype="bf16", kv_dtype=kv_dtype), nb, backend="cpu",
+                        k_scale=ones, v_scale=ones)
+    step = 2.0 ** -9 if kv_dtype == "fp8_e4m3" else 2.0 ** -16  # the smallest subnormal at scale 1
+    k = torch.randn(n, 2, d, generator=g)
+    v = torch.randint(1, 3, (n, 2, d), generator=g) * step * (torch.randint(0, 2, (n, 2, d), generator=g) * 2 - 1)
+    cache.write(0, k.bfloat16(), v.bfloat16(), torch.arange(n))
+    table = torch.arange(nb, dtype=torch.int32).view(1, nb)
+    plan = hal.plan(torch.tensor([0, 1], dtype=torch.int32), torch.tensor([n], dtype=torch.int32), table, cache)
+    kc, vc = cache.read(0, range(nb), dtype="fp64")
+    stored = vc.flatten(0, 1)[:n].abs()
+    assert stored.max() == 2 * step and stored.min() == step  # stored exactly, all subnormal
+    q = torch.randn(1, 8, d, generator=g).bfloat16()
+    out = hal.paged_attention(q, cache, 0, plan).double()
+    want, _ = paged_attention_reference(q, kc, vc, [0, 1], [n], table)
+    assert want.abs().max() > step / 8
+    assert (out == 0).all() or (out - want).abs().max() <= 2e-2 * want.abs().max(), (out - want).abs().max()
+    # normal values, queries with an element of 2^60 (one head) and 2^70 (another)
+    cache.write(0, k.bfloat16(), torch.randn(n, 2, d, generator=g).bfloat16(), torch.arange(n))
+    kc, vc = cache.read(0, range(nb), dtype="fp64")
+    for big in (2.0 ** 60, 2.0 ** 70):
+        qb = q.clone()
+        qb[0, 1, 5] = big
+        qb[0, 6, 9] = -big / 4
+        out, lse = hal.paged_attention(qb, cache, 0, plan, return_lse=True)
+        want, want_lse = paged_attention_reference(qb, kc, vc, [0, 1], [n], table)
+        assert torch.isfinite(out).all() and (out.double() - want).abs().max() < 3e-2, big
+        assert ((lse.double() - want_lse).abs() / want_lse.abs().clamp(min=1)).max() < 1e-4, big
+
+
 def _denormals_survive() -> bool:
     """Whether fp32 arithmetic in this thread still gives denormals (no FTZ left set)."""
     return (torch.tensor([1e-38], dtype=torch.float32) / 8).item() > 0

@@ -12,7 +12,8 @@
  * (the "auto" rows of the model dtype) everywhere; int8, fp8_e4m3 and fp8_e5m2 rows on the AVX-512
  * BF16 path (bf16 models), where stored values enter the products exactly and their scales multiply
  * the fp32 scores and weights (so the result tracks the cache's exact values, value x scale, which
- * is what the conformance suite compares against).
+ * is what the conformance suite compares against). One exception: fp8 rows on AMX tiles (GQA decode)
+ * read fp8 subnormals as zero (fp8_shift_words; the README's "Decisions the SPEC leaves open").
  *
  * An MLA cache is MQA over one row per token, [c_kv; k_pe]: the caller passes the same rows as K and
  * V with Dv = kv_lora_rank, so V is the row's first Dv channels and each row is read once for every
@@ -409,6 +410,37 @@ static inline __attribute__((always_inline)) void ld64_fp8(const uint8_t *p, con
 
 /* the dim that 16-bit lane j of z0 (j < 32) or z1 (j >= 32) of ld64_fp8 holds, within 64 */
 static inline int lut_dim(int j) { const int z = j / 32, L = (j % 32) / 8, k = j % 8; return 16 * L + 8 * z + k; }
+
+/* fp8 rows by shifts, for the tile paths (AMX-BF16): a byte at the top of a 16-bit word, shifted right
+ * arithmetically by 4 (e4m3) or 3 (e5m2) and masked, puts its exponent and mantissa bits where bf16's
+ * low exponent and mantissa bits are, its sign on top: the bf16 of its value times 2^-120 (e4m3) or
+ * 2^-112 (e5m2), exactly, for every normal value. Subnormal fp8 values (below 2^-6, e4m3, or 2^-14,
+ * e5m2, times the head's scale) become bf16 subnormals, which the tile unit reads as zero (the
+ * README's "Decisions the SPEC leaves open"). The queries and weights that meet these rows are scaled
+ * by 2^64 (exactly, as bf16), so that the products stay in fp32's normal range: scores come out 2^-56
+ * (e4m3) or 2^-48 (e5m2) of their values, as do the P.V sums, and the scale factors carry the rest.
+ * Keys take 5 instructions per 64 values, values 7, none of them lane-crossing shuffles, where the
+ * table took 5 and 6, four and five of them shuffles (VPERMI2B, unpacks) on the one pipe that runs
+ * them. C harness, fp8_e4m3, B/A medians of alternated passes: rows in L2 (B1 x 512, one thread)
+ * 0.864 and 0.884 (200 passes); B8 x 4096 streamed, 2 threads: 0.935, 0.898 (10 passes). */
+static inline int fp8_shift_bias(int fmt) { return fmt == FMT_E5M2 ? 112 : 120; }
+static inline __attribute__((always_inline)) __m512i fp8_shift_words(__m512i w, const int fmt) {  /* byte at the top */
+    return fmt == FMT_E5M2 ? _mm512_and_si512(_mm512_srai_epi16(w, 3), _mm512_set1_epi16((short)0x8FE0))
+                           : _mm512_and_si512(_mm512_srai_epi16(w, 4), _mm512_set1_epi16((short)0x87F0));
+}
+/* 64 stored values -> their even bytes' (z0) and odd bytes' (z1) scaled bf16: dims 2j and 2j + 1 at
+ * lane j (shift_dim) */
+static inline __attribute__((always_inline)) void ld64_fp8_shift(const uint8_t *p, const int fmt, __m512i *z0, __m512i *z1) {
+    const __m512i x = _mm512_loadu_si512(p);
+    *z0 = fp8_shift_words(_mm512_slli_epi16(x, 8), fmt);
+    *z1 = fp8_shift_words(x, fmt);
+}
+static inline int shift_dim(int j) { return j < 32 ? 2 * j : 2 * (j - 32) + 1; }
+/* bf16 words times 2^64, zeros and subnormals (which the tile unit reads as zero) to zero; the caller
+ * has checked that no exponent exceeds 190 */
+static inline __m512i bf16_times_2_64(__m512i w) {
+    return _mm512_maskz_add_epi16(_mm512_test_epi16_mask(w, _mm512_set1_epi16(0x7f80)), w, _mm512_set1_epi16(0x2000));
+}
 
 static inline __m512 dp(__m512 acc, __m512i x, __m512i y, int fmt) { /* acc += pairwise x . y */
     if (is_int(fmt)) return (__m512)_mm512_dpwssd_epi32((__m512i)acc, x, y);
@@ -1060,9 +1092,9 @@ static void amx_pv_int8(float *acc, int Dv, const uint32_t *w4, const float *wsc
 
 #if HAL_AMX && FP8_LUT && !defined(HAL_STAGED16)
 #define HAL_AMXF 1
-/* fp8 rows, 4-row groups (GQA decode), on AMX-BF16 tiles: the rows widened exactly to bf16 by
- * ld64_fp8's table into staging, in its dim order (the queries' is permuted to match, as for the
- * AVX-512 path), then the products on tiles. Tiles (amx_configure_fp8): 0, 1 scores (16 keys x 4 rows,
+/* fp8 rows, 4-row groups (GQA decode), on AMX-BF16 tiles: the rows widened to bf16 by shifts
+ * (fp8_shift_words; keys by ld64_fp8's exact table for an item whose queries reach 2^64) into
+ * staging, in their dim order (the queries' is permuted to match), then the products on tiles. Tiles (amx_configure_fp8): 0, 1 scores (16 keys x 4 rows,
  * fp32: scores4's token-major layout), 2 staged keys (16 x 32 dims), 3 query pairs (16 dim pairs x 4
  * rows); 4 weights (4 rows x 16 key pairs), 5 staged value pairs (16 key pairs x 16 dims), 6, 7 P.V
  * sums (4 rows x 16 dims, in acc). A tile is FT8 = 32 keys. */
@@ -1084,22 +1116,27 @@ static void amx_q_pairs(const uint16_t *q, int D, uint32_t *qp) {
  * widening: the tile work is a third of fp8's time here, and lines requested only during the vector
  * phases left the memory idle through it. C harness, fp8_e4m3 B8 x 4096, alternated rounds: streamed
  * on 2 threads, time ratio median 0.90 and 0.92 (10 and 20 rounds); in cache on one thread 0.92. */
-static void amx_scores_fp8(const uint32_t *qp, int D, const uint8_t *const *kh, int n, const int KF, float *st,
-                           uint16_t *stage, pf_cursor *pf) {
+static void amx_scores_fp8(const uint32_t *qp, int D, const uint8_t *const *kh, int n, const int KF, const int shift,
+                           float *st, uint16_t *stage, pf_cursor *pf) {
     const int ng = (n + 15) / 16;
-    const fp8_lut tab = fp8_lut_load(KF, 0);
-    for (int i = 0; i < 16 * ng; i++) {
-        uint16_t *dst = stage + (size_t)i * D;
-        if (i >= n) {
-            memset(dst, 0, 2 * (size_t)D);
-            continue;
-        }
-        for (int d = 0; d < D; d += 64) {
-            __m512i z0, z1;
-            ld64_fp8(kh[i] + d, &tab, &z0, &z1);
-            _mm512_store_si512(dst + d, z0);
-            _mm512_store_si512(dst + d + 32, z1);
-        }
+    for (int i = n; i < 16 * ng; i++) memset(stage + (size_t)i * D, 0, 2 * (size_t)D);
+    if (shift) {                             /* the queries in shift_dim's order, times 2^64 */
+        for (int i = 0; i < n; i++)
+            for (int d = 0; d < D; d += 64) {
+                __m512i z0, z1;
+                ld64_fp8_shift(kh[i] + d, KF, &z0, &z1);
+                _mm512_store_si512(stage + (size_t)i * D + d, z0);
+                _mm512_store_si512(stage + (size_t)i * D + d + 32, z1);
+            }
+    } else {                                 /* the table: exact, queries in lut_dim's order */
+        const fp8_lut tab = fp8_lut_load(KF, 0);
+        for (int i = 0; i < n; i++)
+            for (int d = 0; d < D; d += 64) {
+                __m512i z0, z1;
+                ld64_fp8(kh[i] + d, &tab, &z0, &z1);
+                _mm512_store_si512(stage + (size_t)i * D + d, z0);
+                _mm512_store_si512(stage + (size_t)i * D + d + 32, z1);
+            }
     }
     _tile_zero(0);
     _tile_zero(1);
@@ -1119,8 +1156,9 @@ static void amx_scores_fp8(const uint32_t *qp, int D, const uint8_t *const *kh, 
 }
 
 /* acc[r][Dv] (four rows, ORDER_FP8_TABLE) += the weights (softmax4's pair-major bf16 pairs, w4[4 k + r])
- * times the tile's value pairs, staged by pv4's table route (`stage`: 16 pairs x 64 dims); keys past n
- * stage as zeros */
+ * times 2^64 times the tile's value pairs widened by shifts (fp8_shift_words: 2^-120 or 2^-112 of
+ * their values), in the order of pv4's table route (`stage`: 16 pairs x 64 dims); keys past n stage as
+ * zeros. The accumulators hold 2^-56 (e4m3) or 2^-48 (e5m2) of the sums. */
 static void amx_pv_fp8(float *acc, int Dv, const uint32_t *w4, const uint8_t *const *vh, int n, int npairs,
                        const int VF, uint32_t *stage, pf_cursor *pf) {
     uint32_t wr[4][16] __attribute__((aligned(64)));  /* A: row r's 16 pairs */
@@ -1129,12 +1167,12 @@ static void amx_pv_fp8(float *acc, int Dv, const uint32_t *w4, const uint8_t *co
     for (int r = 0; r < 4; r++) {             /* pair k of row r: dword 4 k + r, pairs 0-7 in w0 and w1 */
         const __m512i ix = _mm512_add_epi32(_mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28),
                                             _mm512_set1_epi32(r));
-        _mm512_store_si512(wr[r], _mm512_mask_blend_epi32(0xFF00, _mm512_permutex2var_epi32(w0, ix, w1),
-                                                          _mm512_permutex2var_epi32(w2, ix, w3)));
+        _mm512_store_si512(wr[r], bf16_times_2_64(_mm512_mask_blend_epi32(0xFF00, _mm512_permutex2var_epi32(w0, ix, w1),
+                                                                          _mm512_permutex2var_epi32(w2, ix, w3))));
     }
     _tile_loadd(4, wr[0], 64);
     const int64_t rs = 4 * (int64_t)Dv;
-    const fp8_lut tab = fp8_lut_load(VF, 0);
+    const __m512i zz = _mm512_setzero_si512();
     for (int d = 0; d < Dv; d += 64) {
         for (int k = 0; k < 16; k++) {
             uint32_t *dst = stage + (size_t)k * 64;
@@ -1144,9 +1182,13 @@ static void amx_pv_fp8(float *acc, int Dv, const uint32_t *w4, const uint8_t *co
             }
             const __m512i xa = _mm512_loadu_si512(vh[2 * k] + d);
             const __m512i xb = _mm512_loadu_si512(2 * k + 1 < n ? vh[2 * k + 1] + d : zero_row);
-            __m512i L0, H0, L1, H1;
-            ld64_fp8_bytes(_mm512_unpacklo_epi8(xa, xb), &tab, &L0, &H0);
-            ld64_fp8_bytes(_mm512_unpackhi_epi8(xa, xb), &tab, &L1, &H1);
+            /* a's and b's bytes paired (dims 16 L + 0..7, then 8..15, in 128-bit lane L), then each pair's
+             * two bytes put at the tops of a dword's two words: [0, a, 0, b], dims 16 L + 4 c + 0..3 */
+            const __m512i u0 = _mm512_unpacklo_epi8(xa, xb), u1 = _mm512_unpackhi_epi8(xa, xb);
+            const __m512i L0 = fp8_shift_words(_mm512_unpacklo_epi8(zz, u0), VF);
+            const __m512i H0 = fp8_shift_words(_mm512_unpackhi_epi8(zz, u0), VF);
+            const __m512i L1 = fp8_shift_words(_mm512_unpacklo_epi8(zz, u1), VF);
+            const __m512i H1 = fp8_shift_words(_mm512_unpackhi_epi8(zz, u1), VF);
             _mm512_store_si512(dst, L0);
             _mm512_store_si512(dst + 16, H0);
             _mm512_store_si512(dst + 32, L1);
@@ -1605,8 +1647,21 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     uint16_t *amxf_k = AMXF ? (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * FT8 * (size_t)D) : NULL;
     uint32_t *amxf_v = AMXF ? (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * 16 * 64) : NULL;
     if (AMXF) amx_configure_fp8();
+    /* the keys by shifts where every query value of the item is below 2^64 (bf16 exponent <= 190), so
+     * that the queries can take the 2^64 (fp8_shift_words); by the table otherwise (inf or NaN included) */
+    int kshift = AMXF;
+    for (int hh = 0; AMXF && hh < NH; hh++)
+        for (int r = 0; r < R; r++) {
+            const uint16_t *qr = (const uint16_t *)a->q + ((size_t)(q0 + r / G) * a->Hq + (h0 + hh) * G + r % G) * D;
+            __m512i mx = _mm512_setzero_si512();
+            for (int d = 0; d < D; d += 32) mx = _mm512_max_epu16(mx, _mm512_and_si512(_mm512_loadu_si512(qr + d),
+                                                                                     _mm512_set1_epi16(0x7fff)));
+            if (_mm512_cmpgt_epu16_mask(mx, _mm512_set1_epi16(190 << 7 | 0x7f))) kshift = 0;
+        }
+    const float shift_kmul = ldexpf(1.f, fp8_shift_bias(KF) - 64), shift_vmul = ldexpf(1.f, fp8_shift_bias(VF) - 64);
 #else
-    enum { AMXF = 0 };
+    enum { AMXF = 0, kshift = 0 };
+    const float shift_kmul = 1.f, shift_vmul = 1.f;  /* what the shifts' scores and sums lack */
 #endif
     for (int hh = 0; hh < NH; hh++) {
         const int h = h0 + hh;
@@ -1623,16 +1678,21 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
             if (WIDE) {                          /* fp32 query */
                 load_row((float *)qb + (size_t)r * D, qrow, a->dtype, D);
                 qs[r] = a->scale * ks;
-            } else if (lut8(KF)) {               /* bf16 query, dims in ld64_fp8's order */
+            } else if (lut8(KF)) {               /* bf16 query, dims in ld64_fp8's order (the shifts': times 2^64) */
                 uint16_t ix[64];
-                for (int j = 0; j < 64; j++) ix[j] = (uint16_t)lut_dim(j);
+                for (int j = 0; j < 64; j++) ix[j] = (uint16_t)(kshift ? shift_dim(j) : lut_dim(j));
                 const __m512i i0 = _mm512_loadu_si512(ix), i1 = _mm512_loadu_si512(ix + 32);
                 for (int d = 0; d < D; d += 64) {
                     const __m512i lo = _mm512_loadu_si512(src + d), hi = _mm512_loadu_si512(src + d + 32);
-                    _mm512_storeu_si512(qb + (size_t)r * D + d, _mm512_permutex2var_epi16(lo, i0, hi));
-                    _mm512_storeu_si512(qb + (size_t)r * D + d + 32, _mm512_permutex2var_epi16(lo, i1, hi));
+                    __m512i z0 = _mm512_permutex2var_epi16(lo, i0, hi), z1 = _mm512_permutex2var_epi16(lo, i1, hi);
+                    if (kshift) {
+                        z0 = bf16_times_2_64(z0);
+                        z1 = bf16_times_2_64(z1);
+                    }
+                    _mm512_storeu_si512(qb + (size_t)r * D + d, z0);
+                    _mm512_storeu_si512(qb + (size_t)r * D + d + 32, z1);
                 }
-                qs[r] = a->scale * ks;
+                qs[r] = a->scale * ks * (kshift ? shift_kmul : 1.f);
             } else if (!is_int(KF)) {            /* bf16 query as given */
                 memcpy(qb + (size_t)r * D, src, 2 * (size_t)D);
                 qs[r] = a->scale * ks;
@@ -1772,7 +1832,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 } else {
 #if HAL_AMXF
                     for (int r = 0; AMXF && r < R4; r += 4)
-                        amx_scores_fp8(amxf_q + ((size_t)hh * (R4 / 4) + r / 4) * 2 * (size_t)D, D, kh, n, KF,
+                        amx_scores_fp8(amxf_q + ((size_t)hh * (R4 / 4) + r / 4) * 2 * (size_t)D, D, kh, n, KF, kshift,
                                        WS_S(hh & 1) + (size_t)r * FT, amxf_k, r == 0 ? &cur : NULL);
 #endif
                     for (int r = 0; !AMXF && r < R4; r += 4)
@@ -1964,7 +2024,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     for (int hh = 0; hh < NH; hh++) {
         const int h = h0 + hh;
         const float *acc = WS_ACC(hh), *m = WS_M(hh), *l = WS_L(hh);
-        const float vs = is_int(VF) ? 1.f : row_scale(NULL, 0, VF, a->v_scale, h, WIDE);
+        const float vs = (is_int(VF) ? 1.f : row_scale(NULL, 0, VF, a->v_scale, h, WIDE)) * (AMXF ? shift_vmul : 1.f);
         const int order = WIDE ? ORDER_NATURAL : lut8(VF) || AMX8 ? ORDER_FP8_TABLE : ORDER_PAIRS;
         float o[MAX_DIM];
         for (int r = 0; r < R; r++) {
