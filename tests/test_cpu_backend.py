@@ -321,7 +321,7 @@ def test_fp8_decode_reads_subnormals_as_themselves_or_zero_and_takes_any_query(k
     tile path widens fp8 rows by shifts, and the tile unit reads bf16 subnormals as zero), never as
     anything else: with every value of V subnormal the output is either the reference's or exactly
     zero. Queries of 2^64 and more (the shifts' queries are scaled by 2^64) take the exact route;
-    2^60 still the shifts: both match."""
+    2^60 still the shifts: both match, and so do scales of 2^80."""
     g = torch.Generator().manual_seed(11)
     d, bs, n = 128, 16, 200
     nb = -(-n // bs)
@@ -353,6 +353,17 @@ def test_fp8_decode_reads_subnormals_as_themselves_or_zero_and_takes_any_query(k
         want, want_lse = paged_attention_reference(qb, kc, vc, [0, 1], [n], table)
         assert torch.isfinite(out).all() and (out.double() - want).abs().max() < 3e-2, big
         assert ((lse.double() - want_lse).abs() / want_lse.abs().clamp(min=1)).max() < 1e-4, big
+    # scales of 2^80 (values near 2^88): the shifts' 2^56 must not overflow what the scales carry
+    big_scale = torch.full((1, 2), 2.0 ** 80)
+    cache = hal.KVCache(hal.KVCacheSpec(1, 2, d, block_size=bs, dtype="bf16", kv_dtype=kv_dtype), nb, backend="cpu",
+                        k_scale=big_scale, v_scale=big_scale)
+    cache.write(0, (k * 2.0 ** 88).bfloat16(), (torch.randn(n, 2, d, generator=g) * 2.0 ** 88).bfloat16(), torch.arange(n))
+    kc, vc = cache.read(0, range(nb), dtype="fp64")
+    qs = q * 2.0 ** -88
+    out, lse = hal.paged_attention(qs, cache, 0, plan, return_lse=True)
+    want, want_lse = paged_attention_reference(qs, kc, vc, [0, 1], [n], table)
+    assert torch.isfinite(out).all() and ((out.double() - want).abs() / want.abs().max()).max() < 3e-2
+    assert (lse.double() - want_lse).abs().max() < 1e-3
 
 
 def _denormals_survive() -> bool:

@@ -1094,7 +1094,8 @@ static void amx_pv_int8(float *acc, int Dv, const uint32_t *w4, const float *wsc
 #define HAL_AMXF 1
 /* fp8 rows, 4-row groups (GQA decode), on AMX-BF16 tiles: the rows widened to bf16 by shifts
  * (fp8_shift_words; keys by ld64_fp8's exact table for an item whose queries reach 2^64) into
- * staging, in their dim order (the queries' is permuted to match), then the products on tiles. Tiles (amx_configure_fp8): 0, 1 scores (16 keys x 4 rows,
+ * staging, in their dim order (the queries' is permuted to match), then the products on tiles.
+ * Tiles (amx_configure_fp8): 0, 1 scores (16 keys x 4 rows,
  * fp32: scores4's token-major layout), 2 staged keys (16 x 32 dims), 3 query pairs (16 dim pairs x 4
  * rows); 4 weights (4 rows x 16 key pairs), 5 staged value pairs (16 key pairs x 16 dims), 6, 7 P.V
  * sums (4 rows x 16 dims, in acc). A tile is FT8 = 32 keys. */
@@ -1648,9 +1649,11 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     uint32_t *amxf_v = AMXF ? (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * 16 * 64) : NULL;
     if (AMXF) amx_configure_fp8();
     /* the keys by shifts where every query value of the item is below 2^64 (bf16 exponent <= 190), so
-     * that the queries can take the 2^64 (fp8_shift_words); by the table otherwise (inf or NaN included) */
+     * that the queries can take the 2^64 (fp8_shift_words), and the softmax scale times the head's K
+     * scale below 2^70, so that it can take the 2^56; by the table otherwise (inf or NaN included) */
     int kshift = AMXF;
-    for (int hh = 0; AMXF && hh < NH; hh++)
+    for (int hh = 0; AMXF && hh < NH; hh++) {
+        if (!(fabsf(a->scale * a->k_scale[h0 + hh]) < 0x1p70f)) kshift = 0;
         for (int r = 0; r < R; r++) {
             const uint16_t *qr = (const uint16_t *)a->q + ((size_t)(q0 + r / G) * a->Hq + (h0 + hh) * G + r % G) * D;
             __m512i mx = _mm512_setzero_si512();
@@ -1658,6 +1661,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                                                                                      _mm512_set1_epi16(0x7fff)));
             if (_mm512_cmpgt_epu16_mask(mx, _mm512_set1_epi16(190 << 7 | 0x7f))) kshift = 0;
         }
+    }
     const float shift_kmul = ldexpf(1.f, fp8_shift_bias(KF) - 64), shift_vmul = ldexpf(1.f, fp8_shift_bias(VF) - 64);
 #else
     enum { AMXF = 0, kshift = 0 };
@@ -2023,8 +2027,10 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     }
     for (int hh = 0; hh < NH; hh++) {
         const int h = h0 + hh;
-        const float *acc = WS_ACC(hh), *m = WS_M(hh), *l = WS_L(hh);
-        const float vs = (is_int(VF) ? 1.f : row_scale(NULL, 0, VF, a->v_scale, h, WIDE)) * (AMXF ? shift_vmul : 1.f);
+        float *acc = WS_ACC(hh);
+        const float *m = WS_M(hh), *l = WS_L(hh);
+        const float vs = is_int(VF) ? 1.f : row_scale(NULL, 0, VF, a->v_scale, h, WIDE);
+        for (int r = 0; AMXF && r < R; r++) scal(acc + (size_t)r * Dv, shift_vmul, Dv);  /* apart from vs: any scale */
         const int order = WIDE ? ORDER_NATURAL : lut8(VF) || AMX8 ? ORDER_FP8_TABLE : ORDER_PAIRS;
         float o[MAX_DIM];
         for (int r = 0; r < R; r++) {
