@@ -1093,7 +1093,8 @@ static void amx_pv_int8(float *acc, int Dv, const uint32_t *w4, const float *wsc
 #if HAL_AMX && FP8_LUT && !defined(HAL_STAGED16)
 #define HAL_AMXF 1
 /* fp8 rows, 4-row groups (GQA decode), on AMX-BF16 tiles: the rows widened to bf16 by shifts
- * (fp8_shift_words; keys by ld64_fp8's exact table for an item whose queries reach 2^64) into
+ * (fp8_shift_words; keys by ld64_fp8's exact table for an item whose queries reach 2^64, or its
+ * softmax scale times a K scale 2^70) into
  * staging, in their dim order (the queries' is permuted to match), then the products on tiles.
  * Tiles (amx_configure_fp8): 0, 1 scores (16 keys x 4 rows,
  * fp32: scores4's token-major layout), 2 staged keys (16 x 32 dims), 3 query pairs (16 dim pairs x 4
