@@ -1122,24 +1122,15 @@ static void amx_scores_fp8(const uint32_t *qp, int D, const uint8_t *const *kh, 
                            float *st, uint16_t *stage, pf_cursor *pf) {
     const int ng = (n + 15) / 16;
     for (int i = n; i < 16 * ng; i++) memset(stage + (size_t)i * D, 0, 2 * (size_t)D);
-    if (shift) {                             /* the queries in shift_dim's order, times 2^64 */
-        for (int i = 0; i < n; i++)
-            for (int d = 0; d < D; d += 64) {
-                __m512i z0, z1;
-                ld64_fp8_shift(kh[i] + d, KF, &z0, &z1);
-                _mm512_store_si512(stage + (size_t)i * D + d, z0);
-                _mm512_store_si512(stage + (size_t)i * D + d + 32, z1);
-            }
-    } else {                                 /* the table: exact, queries in lut_dim's order */
-        const fp8_lut tab = fp8_lut_load(KF, 0);
-        for (int i = 0; i < n; i++)
-            for (int d = 0; d < D; d += 64) {
-                __m512i z0, z1;
-                ld64_fp8(kh[i] + d, &tab, &z0, &z1);
-                _mm512_store_si512(stage + (size_t)i * D + d, z0);
-                _mm512_store_si512(stage + (size_t)i * D + d + 32, z1);
-            }
-    }
+    const fp8_lut tab = fp8_lut_load(KF, 0);
+    for (int i = 0; i < n; i++)
+        for (int d = 0; d < D; d += 64) {
+            __m512i z0, z1;
+            if (shift) ld64_fp8_shift(kh[i] + d, KF, &z0, &z1);  /* the queries in shift_dim's order, x 2^64 */
+            else ld64_fp8(kh[i] + d, &tab, &z0, &z1);           /* the exact table: in lut_dim's */
+            _mm512_store_si512(stage + (size_t)i * D + d, z0);
+            _mm512_store_si512(stage + (size_t)i * D + d + 32, z1);
+        }
     _tile_zero(0);
     _tile_zero(1);
     for (int c = 0; c < D / 32; c++) {
