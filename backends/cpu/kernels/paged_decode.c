@@ -259,6 +259,7 @@ enum { FT8 = 64 };
 #else
 enum { FT8 = 32 };
 #endif
+enum { FTF = 64 };  /* fp8 on AMX tiles (HAL_AMXF) */
 static inline int tile_len(int fmt) {
     return fmt == FMT_F32 ? 16 : fmt == FMT_BF16 || fmt == FMT_F16 ? 32 : fmt == FMT_INT6 || fmt == FMT_INT4 ? 64 : FT8;
 }
@@ -1098,8 +1099,12 @@ static void amx_pv_int8(float *acc, int Dv, const uint32_t *w4, const float *wsc
  * staging, in their dim order (the queries' is permuted to match), then the products on tiles.
  * Tiles (amx_configure_fp8): 0, 1 scores (16 keys x 4 rows,
  * fp32: scores4's token-major layout), 2 staged keys (16 x 32 dims), 3 query pairs (16 dim pairs x 4
- * rows); 4 weights (4 rows x 16 key pairs), 5 staged value pairs (16 key pairs x 16 dims), 6, 7 P.V
- * sums (4 rows x 16 dims, in acc). A tile is FT8 = 32 keys. */
+ * rows); 4 and 7 weights (4 rows x 16 key pairs: pairs 0-15 and 16-31), 5 staged value pairs (16 key
+ * pairs x 16 dims), 6 P.V sums (4 rows x 16 dims, in acc). A tile is FTF = 64 keys: P.V's sums make
+ * one round trip through acc per 64 keys, not per 32 as with 32-key tiles. C harness, fp8_e4m3,
+ * B/A medians of alternated passes against 32-key tiles: rows in L2 (B1 x 512, one thread) 0.936 and
+ * 0.949 (300 passes); streamed on 2 threads, B8 x 4096 0.980, 0.955 (10 passes) and 0.946 (20),
+ * B1 x 16384 0.933, B16 x 1024 0.982. */
 static inline void amx_configure_fp8(void) {
     static const uint8_t rows[8] = {16, 16, 16, 16, 4, 16, 4, 4};
     static const uint16_t colsb[8] = {16, 16, 64, 16, 64, 64, 64, 64};
@@ -1113,7 +1118,7 @@ static void amx_q_pairs(const uint16_t *q, int D, uint32_t *qp) {
         for (int r = 0; r < 4; r++) qp[4 * p + r] = q32[(size_t)r * (D / 2) + p];
 }
 
-/* st[i][r] = q_r . k_i (fp32) for four rows and the tile's n <= 32 keys; `stage`: 32 x D bf16. The next
+/* st[i][r] = q_r . k_i (fp32) for four rows and n <= 32 keys (half of a tile); `stage`: 32 x D bf16. The next
  * tile's prefetches (pf) are issued between the tile products, here and in amx_pv_fp8, not during the
  * widening: the tile work is a third of fp8's time here, and lines requested only during the vector
  * phases left the memory idle through it. C harness, fp8_e4m3 B8 x 4096, alternated rounds: streamed
@@ -1150,24 +1155,30 @@ static void amx_scores_fp8(const uint32_t *qp, int D, const uint8_t *const *kh, 
 
 /* acc[r][Dv] (four rows, ORDER_FP8_TABLE) += the weights (softmax4's pair-major bf16 pairs, w4[4 k + r])
  * times 2^64 times the tile's value pairs widened by shifts (fp8_shift_words: 2^-120 or 2^-112 of
- * their values), in the order of pv4's table route (`stage`: 16 pairs x 64 dims); keys past n stage as
+ * their values), in the order of pv4's table route (`stage`: 32 pairs x 64 dims); keys past n stage as
  * zeros. The accumulators hold 2^-56 (e4m3) or 2^-48 (e5m2) of the sums. */
 static void amx_pv_fp8(float *acc, int Dv, const uint32_t *w4, const uint8_t *const *vh, int n, int npairs,
                        const int VF, uint32_t *stage, pf_cursor *pf) {
-    uint32_t wr[4][16] __attribute__((aligned(64)));  /* A: row r's 16 pairs */
-    const __m512i w0 = _mm512_loadu_si512(w4), w1 = _mm512_loadu_si512(w4 + 16);
-    const __m512i w2 = _mm512_loadu_si512(w4 + 32), w3 = _mm512_loadu_si512(w4 + 48);
-    for (int r = 0; r < 4; r++) {             /* pair k of row r: dword 4 k + r, pairs 0-7 in w0 and w1 */
-        const __m512i ix = _mm512_add_epi32(_mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28),
-                                            _mm512_set1_epi32(r));
-        _mm512_store_si512(wr[r], bf16_times_2_64(_mm512_mask_blend_epi32(0xFF00, _mm512_permutex2var_epi32(w0, ix, w1),
-                                                                          _mm512_permutex2var_epi32(w2, ix, w3))));
+    const int NP = npairs > 16 ? 32 : 16;     /* pairs staged: one weights tile or two */
+    uint32_t wr[4][32] __attribute__((aligned(64)));  /* A: row r's pairs (0-15: tile 4, 16-31: tile 7) */
+    for (int p0 = 0; p0 < NP; p0 += 16) {
+        const uint32_t *w = w4 + 4 * p0;
+        const __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 16);
+        const __m512i w2 = _mm512_loadu_si512(w + 32), w3 = _mm512_loadu_si512(w + 48);
+        for (int r = 0; r < 4; r++) {         /* pair k of row r: dword 4 k + r, pairs 0-7 in w0 and w1 */
+            const __m512i ix = _mm512_add_epi32(
+                _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28), _mm512_set1_epi32(r));
+            _mm512_store_si512(wr[r] + p0, bf16_times_2_64(_mm512_mask_blend_epi32(
+                                               0xFF00, _mm512_permutex2var_epi32(w0, ix, w1),
+                                               _mm512_permutex2var_epi32(w2, ix, w3))));
+        }
     }
-    _tile_loadd(4, wr[0], 64);
+    _tile_loadd(4, wr[0], 128);
+    if (NP > 16) _tile_loadd(7, wr[0] + 16, 128);
     const int64_t rs = 4 * (int64_t)Dv;
     const __m512i zz = _mm512_setzero_si512();
     for (int d = 0; d < Dv; d += 64) {
-        for (int k = 0; k < 16; k++) {
+        for (int k = 0; k < NP; k++) {
             uint32_t *dst = stage + (size_t)k * 64;
             if (2 * k >= n) {
                 memset(dst, 0, 256);
@@ -1187,17 +1198,17 @@ static void amx_pv_fp8(float *acc, int Dv, const uint32_t *w4, const uint8_t *co
             _mm512_store_si512(dst + 32, L1);
             _mm512_store_si512(dst + 48, H1);
         }
-        for (int c = 0; c < 64; c += 32) {
+        for (int c = 0; c < 64; c += 16) {    /* 16 dims: their sums loaded once for both weight tiles */
             float *c0 = acc + d + c;
             _tile_loadd(6, c0, rs);
-            _tile_loadd(7, c0 + 16, rs);
             _tile_loadd(5, stage + c, 256);
             _tile_dpbf16ps(6, 4, 5);
-            _tile_loadd(5, stage + c + 16, 256);
-            _tile_dpbf16ps(7, 4, 5);
+            if (NP > 16) {
+                _tile_loadd(5, stage + 16 * 64 + c, 256);
+                _tile_dpbf16ps(6, 7, 5);
+            }
             _tile_stored(6, c0, rs);
-            _tile_stored(7, c0 + 16, rs);
-            if (pf) pf_step(pf, (npairs + 1) / 2, 1);
+            if (pf) pf_step(pf, (npairs + 3) / 4, 1);
         }
     }
 }
@@ -1637,8 +1648,8 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
 #if HAL_AMXF
     const int AMXF = lut8(KF) && quad && amx_usable();  /* fp8 4-row groups on AMX-BF16 tiles */
     uint32_t *amxf_q = AMXF ? (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * NH * (R4 / 4) * (size_t)D * 2) : NULL;
-    uint16_t *amxf_k = AMXF ? (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * FT8 * (size_t)D) : NULL;
-    uint32_t *amxf_v = AMXF ? (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * 16 * 64) : NULL;
+    uint16_t *amxf_k = AMXF ? (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * 32 * (size_t)D) : NULL;
+    uint32_t *amxf_v = AMXF ? (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * 32 * 64) : NULL;
     if (AMXF) amx_configure_fp8();
     /* the keys by shifts where every query value of the item is below 2^64 (bf16 exponent <= 190), so
      * that the queries can take the 2^64 (fp8_shift_words), and the softmax scale times the head's K
@@ -1741,7 +1752,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     const uint8_t *krow[FT], *vrow[FT], *kh[FT], *vh[FT + 1];
     float st[4 * FT] __attribute__((aligned(64)));  /* a tile's scores of four rows, token-major */
     float st16[16 * FT] __attribute__((aligned(64)));  /* ... of sixteen rows (scores16t) */
-    const int ft = tile_len(KF), NU = ft / 16;
+    const int ft = AMXF ? FTF : tile_len(KF), NU = ft / 16;
     uint16_t kt16[2][FT], vt16[2][FT];       /* softmax4: fp16 row scales of heads hh and hh - 1 (finite past n) */
     memset(kt16, 0, sizeof kt16);
     memset(vt16, 0, sizeof vt16);
@@ -1828,8 +1839,10 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 } else {
 #if HAL_AMXF
                     for (int r = 0; AMXF && r < R4; r += 4)
-                        amx_scores_fp8(amxf_q + ((size_t)hh * (R4 / 4) + r / 4) * 2 * (size_t)D, D, kh, n, KF, kshift,
-                                       WS_S(hh & 1) + (size_t)r * FT, amxf_k, r == 0 ? &cur : NULL);
+                        for (int k0 = 0; k0 < n; k0 += 32)  /* the tile's halves */
+                            amx_scores_fp8(amxf_q + ((size_t)hh * (R4 / 4) + r / 4) * 2 * (size_t)D, D, kh + k0,
+                                           n - k0 < 32 ? n - k0 : 32, KF, kshift, WS_S(hh & 1) + (size_t)r * FT + 4 * k0,
+                                           amxf_k, r == 0 ? &cur : NULL);
 #endif
                     for (int r = 0; !AMXF && r < R4; r += 4)
                         scores4_all(qb + (size_t)r * D, D, kh, n, KF, WS_S(hh & 1) + (size_t)r * FT, r == 0 ? &cur : NULL,
