@@ -346,6 +346,36 @@ def test_fp8_decode_matches_the_reference_at_every_tail_of_a_tile(kv_dtype: str)
     assert (lse.double() - want_lse).abs().max() < 1e-3
 
 
+def test_fp8_e4m3_decode_sums_a_tile_of_the_largest_values_without_overflow() -> None:
+    """fp8_e4m3's P.V runs in fp16 where the CPU has AMX (pv4_fp16): a tile's sums of weight times
+    value stay in fp16's range only while the products are at most 448, so equal scores (every weight
+    1) over whole 64-key tiles of +-448 must come out +-448 exactly, not inf, and a mix of the largest
+    and the smallest (subnormal) values must match the reference."""
+    d, bs = 128, 16
+    ones = torch.ones(1, 2)
+    sign = torch.where(torch.arange(d) % 3 == 0, -1.0, 1.0)
+    for n in (64, 130):
+        nb = -(-n // bs)
+        cache = hal.KVCache(hal.KVCacheSpec(1, 2, d, block_size=bs, dtype="bf16", kv_dtype="fp8_e4m3"), nb,
+                            backend="cpu", k_scale=ones, v_scale=ones)
+        k = torch.ones(n, 2, d)
+        v = (448.0 * sign).expand(n, 2, d).clone()
+        cache.write(0, k.bfloat16(), v.bfloat16(), torch.arange(n))
+        table = torch.arange(nb, dtype=torch.int32).view(1, nb)
+        plan = hal.plan(torch.tensor([0, 1], dtype=torch.int32), torch.tensor([n], dtype=torch.int32), table, cache)
+        q = torch.randn(1, 8, d, generator=torch.Generator().manual_seed(n)).bfloat16()
+        out = hal.paged_attention(q, cache, 0, plan).float()
+        assert torch.equal(out, (448.0 * sign).expand(1, 8, d)), out.abs().max()
+        g = torch.Generator().manual_seed(n + 1)
+        big = torch.rand(n, 2, d, generator=g) < 0.5
+        v = torch.where(big, 448.0, 2.0 ** -9) * (torch.randint(0, 2, (n, 2, d), generator=g) * 2 - 1)
+        cache.write(0, (torch.randn(n, 2, d, generator=g) * 0.1).bfloat16(), v.bfloat16(), torch.arange(n))
+        kc, vc = cache.read(0, range(nb), dtype="fp64")
+        out = hal.paged_attention(q, cache, 0, plan).double()
+        want, _ = paged_attention_reference(q, kc, vc, [0, 1], [n], table)
+        assert (out - want).abs().max() <= 4e-3 * want.abs().max(), (out - want).abs().max()
+
+
 @pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "fp8_e5m2"])
 def test_fp8_decode_reads_subnormals_as_themselves_or_zero_and_takes_any_query(kv_dtype: str) -> None:
     """Attention may read fp8 subnormals as zero (the README's "Decisions the SPEC leaves open": the

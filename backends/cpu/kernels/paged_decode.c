@@ -13,7 +13,8 @@
  * BF16 path (bf16 models), where stored values enter the products exactly and their scales multiply
  * the fp32 scores and weights (so the result tracks the cache's exact values, value x scale, which
  * is what the conformance suite compares against). One exception: fp8 rows on AMX tiles (GQA decode)
- * read fp8 subnormals as zero (fp8_shift_words; the README's "Decisions the SPEC leaves open").
+ * read fp8 subnormals as zero (fp8_shift_words; the README's "Decisions the SPEC leaves open"), except
+ * e4m3 values, whose P.V runs in fp16 (pv4_fp16), where they stay exact.
  *
  * An MLA cache is MQA over one row per token, [c_kv; k_pe]: the caller passes the same rows as K and
  * V with Dv = kv_lora_rank, so V is the row's first Dv channels and each row is read once for every
@@ -21,7 +22,8 @@
  *
  * Built with -march=native on the machine that runs it: the AVX-512 BF16 path when the compiler
  * targets it, plain C loops otherwise; on CPUs with AMX, bf16 16-row groups and int8 and fp8 4-row
- * groups take their products on tiles (amx.h, amx_scores*, amx_pv*).
+ * groups take their products on tiles (amx.h, amx_scores*, amx_pv*), but fp8_e4m3's P.V, which takes
+ * fp16 FMAs (pv4_fp16; AVX512-FP16, which every CPU with AMX has).
  */
 #include <math.h>
 #include <stdint.h>
@@ -476,9 +478,11 @@ static int fast_path_applies(const decode_args *a) {
 }
 
 /* floats of workspace per KV head: q [R4, D] 16-bit (fp32 for fp16/fp32 models) | acc [R4, Dv] | qs, m, l [R4] | s [R4, FT] |
- * w [R4, Dv / 32, FT / 2] weight pairs (int4: a set per group); a multiple of 16 so that every head's block stays 64-byte aligned */
+ * w [R4, max(Dv / 32, 4), FT / 2] weight pairs (int4: a set per group; pv4_fp16: four fp16 per key, 4 x FT / 2 words a row);
+ * a multiple of 16 so that every head's block stays 64-byte aligned */
 static inline size_t ws_per_head(int R4, int D, int Dv) {
-    const size_t ng = Dv / 32 > 1 ? (size_t)Dv / 32 : 1;  /* int4: weights per group of 32 value dims */
+    /* int4: weights per group of 32 value dims; pv4_fp16's fp16 weights take 4 sets' room */
+    const size_t ng = Dv / 32 > 4 ? (size_t)Dv / 32 : 4;
     return ((size_t)R4 * D + (size_t)R4 * Dv + 3 * (size_t)R4 + (size_t)R4 * FT + (size_t)R4 * FT / 2 * ng + 15) & ~(size_t)15;
 }
 
@@ -1096,8 +1100,8 @@ static void amx_pv_int8(float *acc, int Dv, const uint32_t *w4, const float *wsc
 /* fp8 rows, 4-row groups (GQA decode), on AMX-BF16 tiles: the rows widened to bf16 by shifts
  * (fp8_shift_words; keys by ld64_fp8's exact table for an item whose queries reach 2^64, or its
  * softmax scale times a K scale 2^70) into
- * staging, in their dim order (the queries' is permuted to match), then the products on tiles.
- * Tiles (amx_configure_fp8): 0, 1 scores (16 keys x 4 rows,
+ * staging, in their dim order (the queries' is permuted to match), then the products on tiles
+ * (e4m3 values: P.V in fp16 instead, pv4_fp16 below). Tiles (amx_configure_fp8): 0, 1 scores (16 keys x 4 rows,
  * fp32: scores4's token-major layout), 2 staged keys (16 x 32 dims), 3 query pairs (16 dim pairs x 4
  * rows); 4 and 7 weights (4 rows x 16 key pairs: pairs 0-15 and 16-31), 5 staged value pairs (16 key
  * pairs x 16 dims), 6 P.V sums (4 rows x 16 dims, in acc). A tile is FTF = 64 keys: P.V's sums make
@@ -1212,6 +1216,80 @@ static void amx_pv_fp8(float *acc, int Dv, const uint32_t *w4, const uint8_t *co
         }
     }
 }
+#if defined(__AVX512FP16__) && !defined(HAL_NO_PVF16)
+#define HAL_PVF16 1
+/* P.V of fp8_e4m3 rows in fp16 on AVX-512 (VFMADDPH), not on tiles; e5m2 keeps amx_pv_fp8. Measured
+ * here: VDPBF16PS takes 2 cycles a zmm instruction, VFMADDPH and VPDPWSSD half a cycle, and the tile
+ * unit's rate moves between minutes on this VM; P.V on tiles cost the same as in fp16 in its fast
+ * minutes and more in its slow ones (below). An e4m3 byte is an fp16 exactly, times 2^-8: its sign, a
+ * zero, its exponent and mantissa bits (s 0 eeee mmm 0000000, subnormals included, which fp16 keeps
+ * whatever MXCSR says), two bit permutations of the byte (GF2P8AFFINEQB: the high and the low byte of
+ * each word) and two unpacks per 64 values. The weights come from softmax4 as fp16 times 2^8, so the
+ * products are w v (at most 448) and a tile's sums of at most 64 keys stay below 64 x 448 = 28672, in
+ * fp16's range (65504); each flushes into the fp32 accumulators once per tile. The products carry fp16's
+ * 11 bits, the sums round once a key, where the tiles rounded the weights to bf16's 8 bits and summed in
+ * fp32: on bench shapes the outputs' rms error against the float64 reference was 1.90-1.99e-3 of their
+ * rms, against the tiles' 1.81-1.87e-3 (bf16's own rounding about 1.1e-3). C harness, fp8_e4m3, B/A medians against P.V on
+ * tiles: streamed on 2 threads, B8 x 4096 0.820 (slow tile minutes), 0.973 and 0.979; B1 x 16384 0.930,
+ * B16 x 1024 0.976, B1 x 1024 0.834; rows in L2, 2 threads (B8 x 256) 0.925; one thread (B1 x 512)
+ * 0.78-0.80 in slow minutes, 1.05 in fast ones. */
+enum { PVF16_KEYS = 64 };  /* keys per flush: fp16 sums below 64 x 448 */
+
+/* acc[r][Dv] (four rows, ORDER_F16; 2^-56 of the sums, as amx_pv_fp8's) += the weights of keys [k0, k1)
+ * (wf: 16 fp16 per key, [r][j], row r's weight times 2^8 once per vector j: then each FMA broadcasts its
+ * own from memory, {1to32}, where one broadcast for four FMAs took a VPBROADCASTW on the shuffle port)
+ * times their values' dims [d, d + 64 ND) */
+static inline __attribute__((always_inline)) void pv4_fp16_block(float *acc, int Dv, int d, const _Float16 *wf,
+                                                                 const uint8_t *const *vh, int k0, int k1, pf_cursor *pf,
+                                                                 const int ND) {
+    const __m512i ahi = _mm512_set1_epi64(0x0204081020400080LL);  /* byte -> s 0 e3 e2 e1 e0 m2 m1 */
+    const __m512i alo = _mm512_set1_epi64(0x0000000000000001LL);  /* byte -> m0 0 0 0 0 0 0 0 */
+    __m512h s[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int j = 0; j < 2 * ND; j++) s[r][j] = _mm512_setzero_ph();
+    for (int k = k0; k < k1; k++) {
+        __m512i v[4];
+        for (int hf = 0; hf < ND; hf++) {
+            const __m512i x = _mm512_loadu_si512(vh[k] + d + 64 * hf);
+            const __m512i h = _mm512_gf2p8affine_epi64_epi8(x, ahi, 0), l = _mm512_gf2p8affine_epi64_epi8(x, alo, 0);
+            v[2 * hf] = _mm512_unpacklo_epi8(l, h);
+            v[2 * hf + 1] = _mm512_unpackhi_epi8(l, h);
+        }
+        const _Float16 *wk = wf + 16 * k;
+        for (int r = 0; r < 4; r++)
+            for (int j = 0; j < 2 * ND; j++)
+                s[r][j] = _mm512_fmadd_ph(_mm512_set1_ph(wk[4 * r + j]), _mm512_castsi512_ph(v[j]), s[r][j]);
+        if (pf && (k & 1)) pf_step(pf, ND, 1);  /* pv_steps: a step per pair of keys and 64 dims */
+    }
+    /* fp16 lane t of v[2 hf + u] holds dim 64 hf + 16 (t / 8) + 8 u + t % 8; fp32 position
+     * 64 hf + 32 g + 16 u + i (i < 16), from lane 16 g + i of v[2 hf + u]: ORDER_F16 */
+    const __m512 out_scale = _mm512_set1_ps(0x1p-56f);
+    for (int r = 0; r < 4; r++)
+        for (int j = 0; j < 2 * ND; j++) {
+            float *c = acc + (size_t)r * Dv + d + 64 * (j >> 1) + 16 * (j & 1);
+            const __m512i sj = _mm512_castph_si512(s[r][j]);
+            const __m512 f0 = _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_castsi512_si256(sj)));
+            const __m512 f1 = _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_extracti64x4_epi64(sj, 1)));
+            _mm512_storeu_ps(c, _mm512_fmadd_ps(f0, out_scale, _mm512_loadu_ps(c)));
+            _mm512_storeu_ps(c + 32, _mm512_fmadd_ps(f1, out_scale, _mm512_loadu_ps(c + 32)));
+        }
+}
+
+/* acc[r][Dv] (four rows, ORDER_F16) += wf's weights (softmax4's WF16 kind) times the values of n keys */
+static __attribute__((noinline)) void pv4_fp16(float *acc, int Dv, const _Float16 *wf, const uint8_t *const *vh, int n,
+                                               pf_cursor *pf) {
+    for (int k0 = 0; k0 < n; k0 += PVF16_KEYS) {
+        const int k1 = k0 + PVF16_KEYS < n ? k0 + PVF16_KEYS : n;
+        int d = 0;
+        for (; d + 128 <= Dv; d += 128) pv4_fp16_block(acc, Dv, d, wf, vh, k0, k1, pf, 2);
+        if (d < Dv) pv4_fp16_block(acc, Dv, d, wf, vh, k0, k1, pf, 1);
+    }
+}
+#define PVF16(fmt) ((fmt) == FMT_E4M3)  /* the V formats whose P.V runs in pv4_fp16 */
+#else
+#define HAL_PVF16 0
+#define PVF16(fmt) 0
+#endif
 #else
 #define HAL_AMXF 0
 #endif
@@ -1403,11 +1481,18 @@ static inline __attribute__((always_inline)) void pv4_16(float *acc, int Dv, int
 
 /* an accumulator row from the interleaved order of pv4 (per 32 dims: the unpacklo lanes, then the
  * unpackhi lanes; fp8 table rows: per 64 dims, see lut_dim) back to dims in order, times `mul` */
-enum { ORDER_PAIRS = 0, ORDER_FP8_TABLE = 1, ORDER_NATURAL = 2 };  /* how pv4 / pv4f left the dims */
+enum { ORDER_PAIRS = 0, ORDER_FP8_TABLE = 1, ORDER_NATURAL = 2, ORDER_F16 = 3 };  /* how pv4 / pv4f left the dims */
 
 static inline void unpermute(float *dst, const float *acc, int Dv, float mul, int order) {
     if (order == ORDER_NATURAL) {            /* in order already (fp32 FMAs) */
         for (int d = 0; d < Dv; d++) dst[d] = mul * acc[d];
+        return;
+    }
+    if (order == ORDER_F16) {                /* pv4_fp16: position 64 h + 32 g + 16 u + 8 L + k holds dim 64 h + 32 g + 16 L + 8 u + k */
+        for (int d = 0; d < Dv; d += 32)
+            for (int u = 0; u < 2; u++)
+                for (int L = 0; L < 2; L++)
+                    for (int k = 0; k < 8; k++) dst[d + 16 * L + 8 * u + k] = mul * acc[d + 16 * u + 8 * L + k];
         return;
     }
     if (order == ORDER_FP8_TABLE) {          /* ld64_fp8 order: position 16 c + 4 L + k holds dim 16 L + 4 c + k */
@@ -1485,6 +1570,12 @@ static inline __m512 exp2_weight(__m512 t) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999992617440314e-1f));
     return _mm512_scalef_ps(p, n);
 }
+
+enum { WF16 = 64 };  /* softmax4's weights as pv4_fp16 takes them (not a row format) */
+static const uint16_t rep4_lo[32] __attribute__((aligned(64))) = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3,
+                                                                  4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7};
+static const uint16_t rep4_hi[32] __attribute__((aligned(64))) = {8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11,
+                                                                  12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15};
 
 static inline __attribute__((always_inline)) void softmax4_body(const decode_args *a, const float *st, int n, int j0,
                                                                 int r0, int R, int G, int h, int pos_first,
@@ -1566,6 +1657,15 @@ static inline __attribute__((always_inline)) void softmax4_body(const decode_arg
             const __m512i i1 = z + 1 < nz ? _mm512_cvtps_epi32(_mm512_mul_ps(p[z + 1], kq)) : _mm512_setzero_si512();
             _mm512_storeu_si512(w4 + 8 * z, _mm512_permutexvar_epi16(ix, _mm512_packs_epi32(i0, i1)));
         }
+    } else if (VF == WF16) {                 /* fp16 times 2^8, 4 copies: word 16 k + 4 r + j (pv4_fp16) */
+        const __m512i i0 = _mm512_loadu_si512(rep4_lo), i1 = _mm512_loadu_si512(rep4_hi);
+        _Float16 *wf = (_Float16 *)w4;
+        for (int z = 0; z < nz; z++) {       /* keys 4 z .. 4 z + 3 */
+            const __m512i h = _mm512_castsi256_si512(_mm256_castph_si256(
+                _mm512_cvtxps_ph(_mm512_mul_ps(p[z], _mm512_set1_ps(0x1p8f)))));
+            _mm512_storeu_si512(wf + 64 * z, _mm512_permutexvar_epi16(i0, h));
+            _mm512_storeu_si512(wf + 64 * z + 32, _mm512_permutexvar_epi16(i1, h));
+        }
     } else {
         const __m512i ix = _mm512_loadu_si512(pm_from_bf16);
         for (int z = 0; z < nz; z += 2) {
@@ -1589,6 +1689,9 @@ SOFTMAX4_FN(softmax4_int16_32, FMT_INT8, 32)
 SOFTMAX4_FN(softmax4_int16_64, FMT_INT8, 64)
 SOFTMAX4_FN(softmax4_bf16_32, FMT_BF16, 32)
 SOFTMAX4_FN(softmax4_bf16_64, FMT_BF16, 64)
+#if HAL_PVF16
+SOFTMAX4_FN(softmax4_f16_64, WF16, 64)
+#endif
 #undef SOFTMAX4_FN
 
 static inline __attribute__((always_inline)) void softmax4(const decode_args *a, const float *st, int n, int j0, int r0,
@@ -1597,7 +1700,11 @@ static inline __attribute__((always_inline)) void softmax4(const decode_args *a,
                                                            const float *qs, float *m, float *l, float *acc, int Dv,
                                                            uint32_t *w4, float *wscale, const int VF, const int FTL) {
     /* FTL: 32 or 64 (fp32 rows, 16 a tile, take the per-row softmax) */
-    (is_int(VF) ? (FTL == 32 ? softmax4_int16_32 : softmax4_int16_64) : (FTL == 32 ? softmax4_bf16_32 : softmax4_bf16_64))(
+    (
+#if HAL_PVF16
+        VF == WF16 ? softmax4_f16_64 :
+#endif
+        is_int(VF) ? (FTL == 32 ? softmax4_int16_32 : softmax4_int16_64) : (FTL == 32 ? softmax4_bf16_32 : softmax4_bf16_64))(
         a, st, n, j0, r0, R, G, h, pos_first, causal_cut, window_cut, ktok, vtok, qs, m, l, acc, Dv, w4, wscale);
 }
 
@@ -1670,6 +1777,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     enum { AMXF = 0, kshift = 0 };
     const float shift_kmul = 1.f, shift_vmul = 1.f;  /* what the shifts' scores and sums lack */
 #endif
+    const int WRF = AMXF && PVF16(VF) ? 4 * (FT / 2) : WR;  /* pv4_fp16's weights: 4 fp16 per key and row */
     for (int hh = 0; hh < NH; hh++) {
         const int h = h0 + hh;
         uint16_t *qb = WS_Q(hh);
@@ -1859,7 +1967,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
                 for (int r = 0; r < R4; r += 4)
                     softmax4(a, WS_S(hp & 1) + (size_t)r * FT, n, j0, r, R, G, h, pos_first, causal_cut, window_cut,
                              row_scaled(KF) ? ktok : NULL, vtok, WS_QS(hp), WS_M(hp), WS_L(hp), WS_ACC(hp), Dv,
-                             WS_W(hp) + (size_t)r * WR, wsc[hp & 1], VF, ft);
+                             WS_W(hp) + (size_t)r * WRF, wsc[hp & 1], AMXF && PVF16(VF) ? WF16 : VF, ft);
             }
             if (hh > 1) {
                 const int hv = hh - 2, h = h0 + hv;
@@ -1872,8 +1980,14 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
 #endif
 #if HAL_AMXF
                 for (int r = 0; AMXF && r < R4; r += 4)
-                    amx_pv_fp8(WS_ACC(hv) + (size_t)r * Dv, Dv, WS_W(hv) + (size_t)r * WR, vh, n, npairs, VF, amxf_v,
-                               r == 0 ? &cur : NULL);
+#if HAL_PVF16
+                    if (PVF16(VF))
+                        pv4_fp16(WS_ACC(hv) + (size_t)r * Dv, Dv, (const _Float16 *)(WS_W(hv) + (size_t)r * WRF), vh, n,
+                                 r == 0 ? &cur : NULL);
+                    else
+#endif
+                        amx_pv_fp8(WS_ACC(hv) + (size_t)r * Dv, Dv, WS_W(hv) + (size_t)r * WR, vh, n, npairs, VF, amxf_v,
+                                   r == 0 ? &cur : NULL);
 #endif
                 for (int r = 0; !AMX8 && !AMXF && r < R4; r += 4)
                     for (int d = 0; d < Dv; d += 64) {
@@ -2036,7 +2150,7 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
         const float *m = WS_M(hh), *l = WS_L(hh);
         const float vs = is_int(VF) ? 1.f : row_scale(NULL, 0, VF, a->v_scale, h, WIDE);
         for (int r = 0; AMXF && r < R; r++) scal(acc + (size_t)r * Dv, shift_vmul, Dv);  /* apart from vs: any scale */
-        const int order = WIDE ? ORDER_NATURAL : lut8(VF) || AMX8 ? ORDER_FP8_TABLE : ORDER_PAIRS;
+        const int order = WIDE ? ORDER_NATURAL : AMXF && PVF16(VF) ? ORDER_F16 : lut8(VF) || AMX8 ? ORDER_FP8_TABLE : ORDER_PAIRS;
         float o[MAX_DIM];
         for (int r = 0; r < R; r++) {
             if (partial) {
