@@ -37,6 +37,23 @@
 #endif
 #include "simd.h"
 #include "amx.h"
+
+/* Per-thread scratch, kept from call to call (never freed: a few tens of KiB a thread). Allocated and
+ * freed within each call, the workspaces were page-faulted in again whenever glibc had trimmed the
+ * heap: at 16 keys (B1, 8 KV heads, one thread) clear_page took 9% of the call and malloc_consolidate
+ * 4%. Each slot serves one buffer at a time on its thread. */
+enum { SCR_WS, SCR_TMPQ, SCR_AMX_K, SCR_AMX_V, SCR_AMX8_Q, SCR_AMX8_K, SCR_AMX8_V, SCR_AMXF_Q, SCR_AMXF_K, SCR_AMXF_V, SCR_N };
+static _Thread_local void *scr_ptr[SCR_N];
+static _Thread_local size_t scr_size[SCR_N];
+static void *scratch(int slot, size_t bytes) {
+    if (scr_size[slot] < bytes) {
+        free(scr_ptr[slot]);
+        const size_t b = (bytes + 4095) & ~(size_t)4095;
+        scr_ptr[slot] = aligned_alloc(64, b);
+        scr_size[slot] = scr_ptr[slot] ? b : 0;
+    }
+    return scr_ptr[slot];
+}
 /* the fast path: AVX-512 with BF16 dot products and VNNI (every CPU with AVX512-BF16 has both) */
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512BW__) \
     && defined(__AVX512DQ__) && defined(__AVX512VL__)
@@ -1736,27 +1753,27 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
     const int NG = is_grp(VF) ? Dv / 32 : 1, WR = (FT / 2) * NG;  /* weight sets per row (int4: per group) */
     const int quad = !WIDE && !use_t && !is_grp(VF);  /* softmax4 on scores4's output, not per row */
     const int vrow_dim = is_grp(VF) ? (int)(a->v_width * 16 / 9) : Dv;  /* int4 V rows: dim/2 + dim/16 bytes */
-    uint16_t *tmp_q = use_t ? (uint16_t *)malloc(sizeof(uint16_t) * (size_t)R4 * D) : NULL;
+    uint16_t *tmp_q = use_t ? (uint16_t *)scratch(SCR_TMPQ, sizeof(uint16_t) * (size_t)R4 * D) : NULL;
     /* AMX (bf16 rows, 16-row groups: use_t): staging for keys that are not evenly spaced, and for value pairs */
 #if HAL_AMX
-    uint16_t *amx_k = AMX ? (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * FT * (size_t)D) : NULL;
-    uint32_t *amx_v = AMX ? (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * 32 * 64) : NULL;
+    uint16_t *amx_k = AMX ? (uint16_t *)scratch(SCR_AMX_K, sizeof(uint16_t) * FT * (size_t)D) : NULL;
+    uint32_t *amx_v = AMX ? (uint32_t *)scratch(SCR_AMX_V, sizeof(uint32_t) * 32 * 64) : NULL;
     if (AMX) amx_configure();
 #endif
 #if HAL_AMX8
     const int AMX8 = KF == FMT_INT8 && quad && D % 64 == 0 && amx_usable();  /* int8 4-row groups on AMX-INT8 tiles */
-    uint8_t *amx8_q = AMX8 ? (uint8_t *)aligned_alloc(64, (size_t)NH * (R4 / 4) * (D / 64) * 1024) : NULL;
-    uint8_t *amx8_k = AMX8 ? (uint8_t *)aligned_alloc(64, (size_t)FT8 * D) : NULL;
-    uint8_t *amx8_v = AMX8 ? (uint8_t *)aligned_alloc(64, 8 * 256) : NULL;
+    uint8_t *amx8_q = AMX8 ? (uint8_t *)scratch(SCR_AMX8_Q, (size_t)NH * (R4 / 4) * (D / 64) * 1024) : NULL;
+    uint8_t *amx8_k = AMX8 ? (uint8_t *)scratch(SCR_AMX8_K, (size_t)FT8 * D) : NULL;
+    uint8_t *amx8_v = AMX8 ? (uint8_t *)scratch(SCR_AMX8_V, 8 * 256) : NULL;
     if (AMX8) amx_configure_int8();
 #else
     enum { AMX8 = 0 };
 #endif
 #if HAL_AMXF
     const int AMXF = lut8(KF) && quad && amx_usable();  /* fp8 4-row groups on AMX-BF16 tiles */
-    uint32_t *amxf_q = AMXF ? (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * NH * (R4 / 4) * (size_t)D * 2) : NULL;
-    uint16_t *amxf_k = AMXF ? (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * 32 * (size_t)D) : NULL;
-    uint32_t *amxf_v = AMXF ? (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * 32 * 64) : NULL;
+    uint32_t *amxf_q = AMXF ? (uint32_t *)scratch(SCR_AMXF_Q, sizeof(uint32_t) * NH * (R4 / 4) * (size_t)D * 2) : NULL;
+    uint16_t *amxf_k = AMXF ? (uint16_t *)scratch(SCR_AMXF_K, sizeof(uint16_t) * 32 * (size_t)D) : NULL;
+    uint32_t *amxf_v = AMXF ? (uint32_t *)scratch(SCR_AMXF_V, sizeof(uint32_t) * 32 * 64) : NULL;
     if (AMXF) amx_configure_fp8();
     /* the keys by shifts where every query value of the item is below 2^64 (bf16 exponent <= 190), so
      * that the queries can take the 2^64 (fp8_shift_words), and the softmax scale times the head's K
@@ -2173,29 +2190,14 @@ static inline __attribute__((always_inline)) void decode_item_impl(const decode_
 #undef WS_L
 #undef WS_S
 #undef WS_W
-    free(tmp_q);
 #if HAL_AMX
-    if (AMX) {
-        free(amx_k);
-        free(amx_v);
-        _tile_release();
-    }
+    if (AMX) _tile_release();
 #endif
 #if HAL_AMXF
-    if (AMXF) {
-        free(amxf_q);
-        free(amxf_k);
-        free(amxf_v);
-        _tile_release();
-    }
+    if (AMXF) _tile_release();
 #endif
 #if HAL_AMX8
-    if (AMX8) {
-        free(amx8_q);
-        free(amx8_k);
-        free(amx8_v);
-        _tile_release();
-    }
+    if (AMX8) _tile_release();
 #endif
 }
 
@@ -2378,7 +2380,7 @@ static int paged_decode_joined(const decode_args *a, int num_threads) {
 #endif
         {
             const unsigned int csr = hal_ftz_enter();
-            float *ws = (float *)aligned_alloc(64, bytes);
+            float *ws = (float *)scratch(SCR_WS, bytes);
             /* dynamic schedule, each thread claiming its next item as its current one starts its last
              * tile, whose prefetch then covers the next one's first (item_claim) */
             int it = __atomic_fetch_add(&next_item, 1, __ATOMIC_RELAXED);
@@ -2391,7 +2393,6 @@ static int paged_decode_joined(const decode_args *a, int num_threads) {
                 decode_item_fast(a, c.b, c.h0, c.h1, ws, c.split, part, &nx);
                 it = nx.it >= 0 ? nx.it : __atomic_fetch_add(&next_item, 1, __ATOMIC_RELAXED);  /* no tile: claim now */
             }
-            free(ws);
 #ifdef _OPENMP
             #pragma omp barrier
             #pragma omp for schedule(dynamic, 1)
@@ -2417,7 +2418,7 @@ static int paged_decode_joined(const decode_args *a, int num_threads) {
 #endif
     {
         const unsigned int csr = hal_ftz_enter();
-        float *ws = (float *)aligned_alloc(64, ((ws_floats * sizeof(float)) + 63) / 64 * 64);
+        float *ws = (float *)scratch(SCR_WS, ws_floats * sizeof(float));
 #ifdef _OPENMP
         #pragma omp for schedule(dynamic, 1)
 #endif
@@ -2425,7 +2426,6 @@ static int paged_decode_joined(const decode_args *a, int num_threads) {
             int b = it / a->Hkv, h = it % a->Hkv;
             if (a->active[b] && a->cu_q[b + 1] > a->cu_q[b]) decode_item(a, b, h, ws);
         }
-        free(ws);
         hal_ftz_leave(csr);
     }
     return 0;
