@@ -1246,10 +1246,11 @@ static void amx_pv_fp8(float *acc, int Dv, const uint32_t *w4, const uint8_t *co
  * fp16's range (65504); each flushes into the fp32 accumulators once per tile. The products carry fp16's
  * 11 bits, the sums round once a key, where the tiles rounded the weights to bf16's 8 bits and summed in
  * fp32: on bench shapes the outputs' rms error against the float64 reference was 1.90-1.99e-3 of their
- * rms, against the tiles' 1.81-1.87e-3 (bf16's own rounding about 1.1e-3). C harness, fp8_e4m3, B/A medians against P.V on
- * tiles: streamed on 2 threads, B8 x 4096 0.820 (slow tile minutes), 0.973 and 0.979; B1 x 16384 0.930,
- * B16 x 1024 0.976, B1 x 1024 0.834; rows in L2, 2 threads (B8 x 256) 0.925; one thread (B1 x 512)
- * 0.78-0.80 in slow minutes, 1.05 in fast ones. */
+ * rms, against the tiles' 1.81-1.87e-3 (bf16's own rounding about 1.1e-3). C harness, fp8_e4m3, B/A
+ * medians against P.V on tiles: streamed on 2 threads, B8 x 4096 0.963, 0.973 and 0.979, B1 x 1024 0.834
+ * and 0.837, B1 x 16384 0.930, B16 x 1024 0.976; rows in L2, one thread (B1 x 512), 0.786 in slow
+ * minutes of the tile unit and 1.05-1.06 in fast ones; 2 threads (B8 x 256) 0.925 and 1.061. Full-size
+ * bench: fp8_e4m3 at 1.6x bf16 at 8, 8 and 7 of 8 points (the README). */
 enum { PVF16_KEYS = 64 };  /* keys per flush: fp16 sums below 64 x 448 */
 
 /* acc[r][Dv] (four rows, ORDER_F16; 2^-56 of the sums, as amx_pv_fp8's) += the weights of keys [k0, k1)
