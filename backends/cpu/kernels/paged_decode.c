@@ -1250,7 +1250,7 @@ static void amx_pv_fp8(float *acc, int Dv, const uint32_t *w4, const uint8_t *co
  * medians against P.V on tiles: streamed on 2 threads, B8 x 4096 0.963, 0.973 and 0.979, B1 x 1024 0.834
  * and 0.837, B1 x 16384 0.930, B16 x 1024 0.976; rows in L2, one thread (B1 x 512), 0.786 in slow
  * minutes of the tile unit and 1.05-1.06 in fast ones; 2 threads (B8 x 256) 0.925 and 1.061. Full-size
- * bench: fp8_e4m3 at 1.6x bf16 at 8, 8 and 7 of 8 points (the README). */
+ * bench: fp8_e4m3 at 1.6x bf16 at 8, 8, 7 and 7 of 8 points in four runs (the README). */
 enum { PVF16_KEYS = 64 };  /* keys per flush: fp16 sums below 64 x 448 */
 
 /* acc[r][Dv] (four rows, ORDER_F16; 2^-56 of the sums, as amx_pv_fp8's) += the weights of keys [k0, k1)
